@@ -1,0 +1,1 @@
+"""Sub-commands of the ``memcontrol`` command line (see ``memcontrol.cli``)."""

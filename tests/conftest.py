@@ -1,0 +1,47 @@
+"""Test session set-up: nothing is written outside the run, nothing is downloaded.
+
+The environment is set at import time, before any test module imports torch, diffusers or matplotlib, since those
+read their cache folders when first imported.
+"""
+
+import os
+import tempfile
+from pathlib import Path
+
+_SANDBOX = Path(tempfile.mkdtemp(prefix="memcontrol-tests-"))
+for _var, _sub in {"HOME": "home", "TORCH_HOME": "torch", "HF_HOME": "hf", "MPLCONFIGDIR": "mpl",
+                   "XDG_CACHE_HOME": "cache"}.items():
+    (_SANDBOX / _sub).mkdir(parents=True, exist_ok=True)
+    os.environ[_var] = str(_SANDBOX / _sub)
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["MPLBACKEND"] = "Agg"
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def sandbox() -> Path:
+    return _SANDBOX
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe_dir(tmp_path_factory) -> Path:
+    """A tiny random-weight Stable Diffusion pipeline saved as a diffusers folder, shared by the session."""
+    from memcontrol.models import save_pipeline, tiny_pipeline
+
+    root = tmp_path_factory.mktemp("tiny-pipe")
+    pipe = tiny_pipeline(seed=0, tokenizer_dir=root / "tok-src")
+    return save_pipeline(pipe, root / "pipe")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe(tiny_pipe_dir):
+    """The tiny pipeline, loaded once. Tests that change weights must work on a copy (``copy.deepcopy``)."""
+    from memcontrol.models import load_pipeline
+
+    return load_pipeline(tiny_pipe_dir)

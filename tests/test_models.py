@@ -1,0 +1,64 @@
+import pickle
+
+import pytest
+import torch
+
+from memcontrol.errors import MissingWeightsError, UnsafeCheckpointError
+from memcontrol.models import check_local_folder, load_pipeline
+from memcontrol.weights import load_state_dict
+
+
+def test_tiny_pipeline_samples_finite_images(tiny_pipe):
+    out = tiny_pipe(["pa chest radiograph", "small nodule left upper zone"], num_inference_steps=3,
+                    output_type="np", generator=torch.Generator().manual_seed(0))
+    assert out.images.shape == (2, 64, 64, 3)
+    assert torch.isfinite(torch.as_tensor(out.images)).all()
+
+
+def test_hub_id_is_refused_with_local_folder_hint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(MissingWeightsError, match="local folder is needed.*hub id"):
+        load_pipeline("runwayml/stable-diffusion-v1-5")
+
+
+def test_folder_without_model_index_names_the_file(tmp_path):
+    with pytest.raises(MissingWeightsError, match="model_index.json"):
+        check_local_folder(tmp_path)
+
+
+class _Payload:
+    """Unpickling this object creates a file: the way a malicious checkpoint runs code."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".pt"])
+def test_pickle_payload_is_refused_and_never_runs(tmp_path, suffix):
+    target = tmp_path / "pwned.txt"
+    ckpt = tmp_path / f"evil{suffix}"
+    with open(ckpt, "wb") as fh:
+        pickle.dump({"weight": _Payload(str(target))}, fh)
+    with pytest.raises(UnsafeCheckpointError, match="refused"):
+        load_state_dict(ckpt)
+    assert not target.exists()
+
+
+def test_plain_tensor_checkpoint_loads(tmp_path):
+    ckpt = tmp_path / "ok.pt"
+    torch.save({"w": torch.arange(3.0)}, ckpt)
+    assert torch.equal(load_state_dict(ckpt)["w"], torch.arange(3.0))
+
+
+def test_pipeline_with_only_pickle_weights_is_refused(tiny_pipe_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "pipe"
+    shutil.copytree(tiny_pipe_dir, copy)
+    for f in (copy / "unet").glob("*.safetensors"):
+        f.rename(f.with_suffix(".bin"))
+    with pytest.raises(UnsafeCheckpointError, match="pickle"):
+        load_pipeline(copy)
