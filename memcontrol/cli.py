@@ -23,7 +23,7 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="memcontrol", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="memcontrol", description="Audit and control training-data memorization in diffusion image generators.")
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
@@ -35,9 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    # Parse the command name first, then let its module declare its own options.
-    known, _ = parser.parse_known_args(argv)
+    # Parse the command name first (without --help, which would exit before the command's options exist), then
+    # let the command's module declare its own options.
+    known, _ = parser.parse_known_args([a for a in argv if a not in ("-h", "--help")])
     if known.command is None:
+        parser.parse_args(argv)
         parser.print_help()
         return 2
     module = importlib.import_module(f"memcontrol.commands.{known._module}")

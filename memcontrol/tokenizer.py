@@ -23,6 +23,8 @@ edema costophrenic angle angles blunting blunted mediastinum mediastinal widened
 hemidiaphragm elevated rib ribs fracture fractures device line tube acute cardiopulmonary process finding
 findings impression unremarkable stable compared prior study patient male female adult child year old age
 photograph photo face portrait person man woman smiling hair glasses background image picture of a an grayscale
+axial brain mri t1 t2 lesion lesions lobe frontal parietal occipital temporal ventricle ventricles parenchyma focal
+skull scalp midline shift
 """.split()
 
 

@@ -21,6 +21,9 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import pytest  # noqa: E402
 
+# Each area keeps its shared fixtures in its own module, so that parallel work never edits this file.
+pytest_plugins = ["fixtures_data", "fixtures_masks", "fixtures_metrics", "fixtures_search"]
+
 REPO = Path(__file__).resolve().parent.parent
 
 

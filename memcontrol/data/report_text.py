@@ -1,0 +1,68 @@
+"""Short radiology reports for the phantoms, in the words the tiny tokenizer knows (one token per word).
+
+The findings decide the content; the phrasing is drawn from the patient's own random stream, as different
+radiologists word the same finding differently, so that most reports differ between patients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+VIEWS = {
+    "PA": ("pa chest radiograph.", "frontal pa view of the chest.", "pa erect chest radiograph.",
+           "chest x ray, pa view."),
+    "AP": ("ap portable chest radiograph.", "portable ap view of the chest.", "ap supine chest radiograph.",
+           "chest x ray, ap view."),
+}
+NODULE = ("{grade} nodule in the {side} {zone} zone.", "there is a {grade} nodule in the {side} {zone} zone.",
+          "{side} {zone} zone nodule, {grade}.", "{grade} {side} {zone} zone nodule is seen.")
+EFFUSION = ("{grade} {side} pleural effusion.", "{side} pleural effusion, {grade}.",
+            "{grade} {side} pleural effusion with costophrenic angle blunting.",
+            "blunting of the {side} costophrenic angle with {grade} pleural effusion.")
+CARDIOMEGALY = ("{grade} cardiomegaly.", "heart size enlarged, {grade}.", "enlarged cardiac silhouette, {grade}.",
+                "cardiac silhouette {grade} enlarged.")
+NEGATIVES = {
+    "nodule": ("no nodule.", "no opacity.", "lungs clear."),
+    "effusion": ("no pleural effusion.", "costophrenic angles clear.", "no effusion."),
+    "cardiomegaly": ("heart size normal.", "normal cardiac silhouette.", "cardiac silhouette normal."),
+    "other": ("no pneumothorax.", "no consolidation.", "mediastinum normal.", "no rib fracture."),
+}
+NORMAL_IMPRESSIONS = ("impression: no acute cardiopulmonary process.", "impression: normal chest radiograph.",
+                      "impression: unremarkable study.")
+
+
+@dataclass(frozen=True)
+class Finding:
+    kind: str  # "nodule", "effusion" or "cardiomegaly"
+    side: str | None = None  # the patient's "left" or "right" (on the image, the patient's right is on the left)
+    zone: str | None = None  # "upper", "middle" or "lower" (nodules)
+    grade: str | None = None  # nodule "small"/"large"; effusion "small"/"moderate"/"large"; heart "mild"/...
+
+    def label(self) -> str:
+        """Compact form for the manifest's findings column, e.g. 'nodule:right:upper:small'."""
+        return ":".join(p for p in (self.kind, self.side, self.zone, self.grade) if p)
+
+
+def write_report(view: str, findings: list[Finding], rng: np.random.Generator) -> str:
+    sentences = [_pick(rng, VIEWS[view])]
+    templates = {"nodule": NODULE, "effusion": EFFUSION, "cardiomegaly": CARDIOMEGALY}
+    for finding in findings:
+        sentences.append(_pick(rng, templates[finding.kind]).format(
+            side=finding.side, zone=finding.zone, grade=finding.grade))
+    present = {f.kind for f in findings}
+    absent = [kind for kind in ("nodule", "effusion", "cardiomegaly") if kind not in present]
+    # Radiologists mention some, not all, of the pertinent negatives.
+    for kind in absent:
+        if rng.random() < 0.6:
+            sentences.append(_pick(rng, NEGATIVES[kind]))
+    if rng.random() < 0.5:
+        sentences.append(_pick(rng, NEGATIVES["other"]))
+    if not findings:
+        sentences.append(_pick(rng, NORMAL_IMPRESSIONS))
+    return " ".join(sentences)
+
+
+def _pick(rng: np.random.Generator, options) -> str:
+    return options[int(rng.integers(len(options)))]

@@ -1,0 +1,1 @@
+"""Shared test fixtures of the metrics area (registered in conftest.py)."""
