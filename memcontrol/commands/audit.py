@@ -1,0 +1,48 @@
+"""`memcontrol audit`: measure how much of its training data a checkpoint reproduces, and write a report.
+
+    memcontrol audit --model DIR [--adapter DIR] [--manifest TRAIN] [--heldout MANIFEST] [--prompts FILE]
+                     [--config audit.yaml] --out DIR
+
+Without --manifest only the checks that need no training data run (the noise norm); the others are listed as
+skipped, with the reason, in metrics.json and in the report.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", type=Path, required=True, help="local diffusers pipeline folder")
+    parser.add_argument("--adapter", type=Path, default=None,
+                        help="adapter folder exported by memcontrol (or a diffusers LoRA folder) to load on the model")
+    parser.add_argument("--manifest", type=Path, default=None,
+                        help="training manifest (CSV/JSONL or image folder): enables copy detection, distance ratio, "
+                             "tiled L2 and extraction; its captions are the prompts unless --prompts is given")
+    parser.add_argument("--heldout", type=Path, default=None,
+                        help="manifest of real images the model never saw: baseline for the thresholds and "
+                             "reference for FD/KID")
+    parser.add_argument("--prompts", type=Path, default=None,
+                        help="prompts to audit: .txt (one per line) or CSV/JSONL with a prompt/text/caption column")
+    parser.add_argument("--config", type=Path, default=None, help="YAML config with an 'audit' section")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: the config's, else auto)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the generated samples (default: config's)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+
+
+def run(args) -> int:
+    from ..audit import run_audit
+
+    overrides = {k: v for k, v in (("device", args.device), ("seed", args.seed)) if v is not None}
+    metrics = run_audit(args.model, args.out, manifest=args.manifest, heldout=args.heldout, prompts=args.prompts,
+                        adapter=args.adapter, config=args.config, overrides=overrides)
+    print(f"audit: {metrics['counts']['prompts']} prompts, {metrics['counts']['samples']} samples")
+    for name, value in metrics["summary"].items():
+        shown = "n/a" if value is None else f"{value:.4g}"
+        print(f"  {name}: {shown}")
+    for item in metrics["skipped"]:
+        print(f"  skipped {item['check']}: {item['reason']}")
+    for warning in metrics["warnings"]:
+        print(f"  warning: {warning}")
+    print(f"report: {Path(args.out) / 'report.html'}")
+    return 0

@@ -1,0 +1,201 @@
+"""Memorization metrics on generated images against the training set (DESIGN.md section 3).
+
+* Copy detection (Somepalli et al. 2023; Carlini et al. 2023): the cosine similarity of each generated image's
+  features to its nearest training image; a copy when it exceeds tau. Reports the fraction of copies, the mean and
+  95th percentile of the similarities, and which training keys were copied how often.
+* Distance ratio (Yoon et al. 2023; Gu et al. 2023): in pixel space, a sample is memorized when
+  d(x, NN1) / d(x, NN2) < 1/3, NN1 and NN2 its two nearest training images by L2. A training image present twice
+  (duplicate records, common in real data) would be its own NN2 and make the ratio 0/0 or meaningless, so identical
+  training images are collapsed first (exact pixel equality); with ``distinct_by="key"``, NN2 is moreover the
+  nearest image of another key than NN1 (several images of one patient then count as one).
+* Tiled L2 (Carlini et al. 2023): images are mapped to [0, 1] and cut into a grid x grid set of equal tiles; the
+  distance of two images is the largest, over tiles, of the root-mean-square pixel difference inside the tile (so it
+  lies in [0, 1] whatever the image size). A generated image is a copy when its distance to the nearest training
+  image is below delta: a near match everywhere, which a global L2 can miss when most of the image is background.
+* Extraction (Carlini et al. 2023): many samples per prompt; samples closer than delta (tiled L2) are linked, and a
+  prompt is extracted when a clique of at least ``min_clique`` mutually near-identical samples forms and its most
+  central member is within delta of a training image. The clique is grown greedily from each sample in order of
+  degree, which finds a large clique (a lower bound on the largest one) in O(n^3) at worst.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+
+import numpy as np
+import torch
+
+from .nn_search import nearest_neighbours
+
+DEFAULT_TAU = 0.5
+RATIO_THRESHOLD = 1 / 3
+DEFAULT_DELTA = 0.1
+
+
+def _summary(values: np.ndarray) -> dict:
+    if len(values) == 0:
+        return {"mean": None, "p95": None, "max": None}
+    return {"mean": float(values.mean()), "p95": float(np.percentile(values, 95)), "max": float(values.max())}
+
+
+def _attribution(keys: list[str], flags: np.ndarray) -> list[dict]:
+    counts = Counter(k for k, f in zip(keys, flags) if f)
+    return [{"key": k, "copies": c} for k, c in sorted(counts.items(), key=lambda kc: (-kc[1], kc[0]))]
+
+
+def copy_detection(gen_feats, train_feats, train_keys: list[str], tau: float = DEFAULT_TAU,
+                   chunk_size: int = 16384) -> dict:
+    """Nearest-neighbour copy detection on L2-normalised features (generated N x D against training M x D)."""
+    if len(train_keys) != len(train_feats):
+        raise ValueError(f"{len(train_keys)} training keys for {len(train_feats)} training features")
+    sims, idx = nearest_neighbours(gen_feats, train_feats, k=1, chunk_size=chunk_size)
+    sims, idx = sims[:, 0].numpy().astype(np.float64), idx[:, 0].numpy()
+    keys = [train_keys[i] for i in idx]
+    flags = sims > tau
+    return {"metric": "copy_detection", "tau": tau, "n": len(sims), "copies": int(flags.sum()),
+            "fraction": float(flags.mean()) if len(flags) else 0.0, **_summary(sims),
+            "attribution": _attribution(keys, flags),
+            "samples": {"similarity": sims.tolist(), "nn_index": idx.tolist(), "nn_key": keys,
+                        "is_copy": flags.tolist()}}
+
+
+def _flat(images) -> torch.Tensor:
+    x = images if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images))
+    return x.detach().float().flatten(1)
+
+
+def unique_rows(flat: torch.Tensor) -> np.ndarray:
+    """Indices of the first occurrence of every distinct row (exact equality)."""
+    seen: dict[str, int] = {}
+    for i, row in enumerate(flat.numpy()):
+        seen.setdefault(hashlib.sha1(row.tobytes()).hexdigest(), i)
+    return np.array(sorted(seen.values()), dtype=np.int64)
+
+
+def distance_ratio(gen_images, train_images, train_keys: list[str] | None = None,
+                   threshold: float = RATIO_THRESHOLD, distinct_by: str = "pixels") -> dict:
+    """The distance-ratio test in pixel space; identical training images are collapsed first (see module doc)."""
+    if distinct_by not in ("pixels", "key"):
+        raise ValueError("distinct_by must be 'pixels' or 'key'")
+    train = _flat(train_images)
+    keys = list(train_keys) if train_keys is not None else [str(i) for i in range(len(train))]
+    keep = unique_rows(train)
+    train, keys = train[keep], [keys[i] for i in keep]
+    gen = _flat(gen_images)
+    if distinct_by == "key":
+        k = min(len(train), max(Counter(keys).values()) + 1)
+    else:
+        k = min(len(train), 2)
+    dist, idx = nearest_neighbours(gen, train, k=k, metric="l2")
+    dist, idx = dist.double().numpy(), idx.numpy()
+    d1, nn1 = dist[:, 0], idx[:, 0]
+    d2 = np.full(len(gen), np.nan)
+    for row in range(len(gen)):
+        for col in range(1, k):
+            if distinct_by == "pixels" or keys[idx[row, col]] != keys[nn1[row]]:
+                d2[row] = dist[row, col]
+                break
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.where(d2 > 0, d1 / d2, np.nan)
+    flags = np.nan_to_num(ratio, nan=np.inf) < threshold
+    nn_keys = [keys[i] for i in nn1]
+    valid = ratio[np.isfinite(ratio)]
+    return {"metric": "distance_ratio", "threshold": threshold, "n": len(gen), "memorized": int(flags.sum()),
+            "fraction": float(flags.mean()) if len(flags) else 0.0,
+            "mean_ratio": float(valid.mean()) if len(valid) else None,
+            "training_duplicates_removed": int(len(_flat(train_images)) - len(keep)), "distinct_by": distinct_by,
+            "attribution": _attribution(nn_keys, flags),
+            "samples": {"ratio": [None if not np.isfinite(r) else float(r) for r in ratio], "nn_key": nn_keys,
+                        "d1": d1.tolist(), "is_memorized": flags.tolist()}}
+
+
+def _tiles(images, grid: int) -> torch.Tensor:
+    """[-1, 1] images N x C x H x W -> N x tiles x (C * tile pixels), in [0, 1]."""
+    x = images if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images))
+    x = (x.detach().double() + 1) / 2
+    n, c, h, w = x.shape
+    if h % grid or w % grid:
+        raise ValueError(f"tiled L2: image size {h}x{w} is not divisible by the {grid}x{grid} grid")
+    x = x.view(n, c, grid, h // grid, grid, w // grid).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(n, grid * grid, -1)
+
+
+def tiled_distances(a_tiles: torch.Tensor, b_tiles: torch.Tensor) -> torch.Tensor:
+    """Tiled L2 between every row of a (A x tiles x P) and of b (B x tiles x P): the A x B matrix of the largest
+    per-tile RMS difference."""
+    per_tile = a_tiles.shape[-1]
+    worst = torch.zeros(len(a_tiles), len(b_tiles), dtype=torch.float64)
+    for t in range(a_tiles.shape[1]):
+        a, b = a_tiles[:, t], b_tiles[:, t]
+        d2 = (a.square().sum(1, keepdim=True) + b.square().sum(1) - 2 * a @ b.T).clamp_min(0)
+        worst = torch.maximum(worst, (d2 / per_tile).sqrt())
+    return worst
+
+
+def _nearest_tiled(gen_tiles, train_tiles, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    best = np.full(len(gen_tiles), np.inf)
+    arg = np.zeros(len(gen_tiles), dtype=np.int64)
+    for start in range(0, len(train_tiles), chunk):
+        d = tiled_distances(gen_tiles, train_tiles[start:start + chunk])
+        vals, idx = d.min(1)
+        better = vals.numpy() < best
+        best[better] = vals.numpy()[better]
+        arg[better] = idx.numpy()[better] + start
+    return best, arg
+
+
+def tiled_l2(gen_images, train_images, train_keys: list[str] | None = None, delta: float = DEFAULT_DELTA,
+             grid: int = 4) -> dict:
+    """Tiled-L2 copy test of each generated image against its nearest training image (see module doc)."""
+    keys = list(train_keys) if train_keys is not None else [str(i) for i in range(len(train_images))]
+    dist, arg = _nearest_tiled(_tiles(gen_images, grid), _tiles(train_images, grid))
+    flags = dist < delta
+    nn_keys = [keys[i] for i in arg]
+    return {"metric": "tiled_l2", "delta": delta, "grid": grid, "n": len(dist), "copies": int(flags.sum()),
+            "fraction": float(flags.mean()) if len(flags) else 0.0, **_summary(dist),
+            "attribution": _attribution(nn_keys, flags),
+            "samples": {"distance": dist.tolist(), "nn_key": nn_keys, "is_copy": flags.tolist()}}
+
+
+def greedy_clique(adjacent: np.ndarray) -> list[int]:
+    """A large clique of a symmetric boolean adjacency matrix (diagonal ignored), grown greedily by degree."""
+    adj = adjacent.copy()
+    np.fill_diagonal(adj, False)
+    degree = adj.sum(1)
+    order = np.argsort(-degree, kind="stable")
+    best: list[int] = []
+    for seed in order:
+        if degree[seed] + 1 <= len(best):
+            break
+        clique = [int(seed)]
+        candidates = adj[seed].copy()
+        while candidates.any():
+            pick = int(np.flatnonzero(candidates)[np.argmax(degree[candidates])])
+            clique.append(pick)
+            candidates &= adj[pick]
+        if len(clique) > len(best):
+            best = clique
+    return best
+
+
+def extraction(samples_by_prompt, train_images, train_keys: list[str] | None = None, delta: float = DEFAULT_DELTA,
+               min_clique: int = 10, grid: int = 4, prompts: list[str] | None = None) -> dict:
+    """The extraction attack: ``samples_by_prompt`` is P x n x C x H x W (n samples of each of P prompts)."""
+    keys = list(train_keys) if train_keys is not None else [str(i) for i in range(len(train_images))]
+    train_tiles = _tiles(train_images, grid)
+    rows = []
+    for p, samples in enumerate(samples_by_prompt):
+        tiles = _tiles(samples, grid)
+        pairwise = tiled_distances(tiles, tiles).numpy()
+        clique = greedy_clique(pairwise < delta)
+        centre = clique[int(np.argmin(pairwise[np.ix_(clique, clique)].mean(1)))]
+        dist, arg = _nearest_tiled(tiles[centre:centre + 1], train_tiles)
+        matched = bool(dist[0] < delta)
+        rows.append({"prompt": prompts[p] if prompts else p, "clique_size": len(clique),
+                     "match_distance": float(dist[0]), "nearest_key": keys[arg[0]],
+                     "extracted": bool(len(clique) >= min_clique and matched)})
+    extracted = [r for r in rows if r["extracted"]]
+    return {"metric": "extraction", "delta": delta, "min_clique": min_clique, "grid": grid, "prompts": len(rows),
+            "extracted": len(extracted), "fraction": len(extracted) / len(rows) if rows else 0.0,
+            "extracted_keys": sorted({r["nearest_key"] for r in extracted}), "per_prompt": rows}
