@@ -30,7 +30,8 @@ def load_config(path: str | Path) -> dict[str, Any]:
     if base is not None:
         # A preset may extend another one: its keys override the base's, section by section.
         cfg = merge(load_config(path.parent / base), cfg)
-    cfg.setdefault("_dir", str(path.parent.resolve()))
+    # Relative paths resolve against the file that the user named (presets used as `base:` hold no paths).
+    cfg["_dir"] = str(path.parent.resolve())
     return cfg
 
 

@@ -1,0 +1,52 @@
+"""``memcontrol search --config CFG --out DIR [--storage URL] [--n-trials N] [--timeout S] [--workers W]``
+
+Searches which UNet parameters a fine-tune may touch so that the model memorizes least for the quality it keeps
+(MemControl). Re-running the same command resumes; the same command on several machines with one ``--storage``
+URL shares the study.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="search config (YAML); see configs/search_reference.yaml")
+    parser.add_argument("--out", required=True, help="run folder: study.db, trials/, best/, report.html")
+    parser.add_argument("--storage", default=None,
+                        help="study storage: sqlite:///FILE.db (default OUT/study.db), journal:FILE or FILE.log "
+                             "(Optuna journal file, for a shared filesystem), postgresql://USER@HOST/DB "
+                             "(several machines)")
+    parser.add_argument("--n-trials", type=int, default=None, help="trial budget of the whole study "
+                                                                   "(all workers together; default from the config)")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="seconds after which this command's workers start no new trial")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="worker processes on this machine (GPUs are shared out round robin)")
+
+
+def run(args) -> int:
+    from ..config import load_config
+    from ..errors import ConfigError
+    from ..search.run import run_search
+    from ..search.settings import load_settings
+
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {args.workers}")
+    if args.n_trials is not None and args.n_trials < 1:
+        raise ConfigError(f"--n-trials must be at least 1, got {args.n_trials}")
+    settings = load_settings(load_config(args.config), args.out, storage=args.storage, n_trials=args.n_trials,
+                             timeout=args.timeout)
+    outputs = run_search(settings, workers=args.workers)
+    counts = outputs.results.counts()
+    print(f"trials: {', '.join(f'{n} {state}' for state, n in sorted(counts.items())) or 'none'} "
+          f"(budget {settings.n_trials})")
+    print(outputs.table)
+    if outputs.results.selection is not None:
+        print(f"chosen: {outputs.results.chosen.label}: {outputs.results.selection.explanation}")
+    else:
+        print("no trial finished with both metrics within the limits: nothing to export")
+    if outputs.best is not None:
+        print(f"exported adapter: {outputs.best}")
+    print(f"report: {outputs.report}")
+    return 0

@@ -1,0 +1,8 @@
+"""The MemControl search: which UNet parameters a fine-tune may touch, found by a two-objective Optuna study.
+
+Modules: ``settings`` (the config, checked), ``space`` (search spaces -> candidates), ``study`` (storages, samplers,
+budget, recovery of interrupted trials), ``context`` and ``trial`` (one worker's shared state; one candidate
+evaluated), ``objectives`` (the metrics of a trial), ``baselines``, ``worker`` (the trial loop), ``results`` and
+``selection`` (Pareto front, chosen candidate), ``report`` and ``report_html`` (CSV, plots, HTML), ``run`` (the
+``memcontrol search`` command from start to end). Nothing heavy is imported here.
+"""

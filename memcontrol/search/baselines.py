@@ -1,0 +1,53 @@
+"""The baselines every search is compared with, run by the same workers with the same data, training budget
+(``train.steps``), samples and metrics: full fine-tuning, LoRA on all attention blocks, and bias/norm tuning.
+
+They live in their own study (``<study_name>.baselines``) in the same storage, so that they never enter the
+sampler's population, yet are kept, resumed and shown by optuna-dashboard like the trials. Each baseline is
+queued once, as a waiting trial named by the user attribute ``baseline``; a worker takes it with ``ask()``, which
+hands a waiting trial to exactly one worker.
+"""
+
+from __future__ import annotations
+
+import optuna
+from optuna.trial import TrialState
+
+from . import study as st
+from .settings import SearchSettings
+from .space import Candidate
+
+BASELINE_ATTR = "baseline"
+LABELS = {"full_ft": "full fine-tuning", "lora_attention": "LoRA on all attention", "bitfit_norm": "bias + norm tuning"}
+
+
+def queue_baselines(bstudy: optuna.Study, methods: list[str], max_attempts: int) -> list[str]:
+    """Queue the baselines that have no trial yet (done, running, queued, or failed on their own) and were not
+    interrupted ``max_attempts`` times already. Returns the queued names."""
+    present, interrupted = set(), {}
+    for t in bstudy.get_trials(deepcopy=False):
+        name = t.user_attrs.get(BASELINE_ATTR)
+        if t.state == TrialState.FAIL and t.user_attrs.get(st.ATTR_INTERRUPTED):
+            interrupted[name] = interrupted.get(name, 0) + 1
+        else:
+            present.add(name)
+    missing = [m for m in methods if m not in present and interrupted.get(m, 0) < max_attempts]
+    for name in missing:
+        bstudy.enqueue_trial({}, user_attrs={BASELINE_ATTR: name})
+    return missing
+
+
+def baseline_candidate(name: str, settings: SearchSettings, unet) -> Candidate:
+    from ..masks import enumerate_sites
+
+    sites = enumerate_sites(unet, "block")
+    lr = {"lr": float(settings.baselines["lr"][name])} if name in (settings.baselines.get("lr") or {}) else {}
+    if name == "full_ft":
+        # Every block-level site: together they cover every parameter of the UNet.
+        return Candidate([s.name for s in sites], "block", "unfreeze", {}, lr)
+    if name == "lora_attention":
+        rank = int(settings.baselines["lora_rank"])
+        return Candidate([s.name for s in sites if s.kind == "attention"], "block", "lora",
+                         {"rank": rank, "alpha": float(rank)}, lr)
+    if name == "bitfit_norm":
+        return Candidate([s.name for s in sites], "block", "bitfit_norm", {}, lr)
+    raise ValueError(f"unknown baseline {name!r}")

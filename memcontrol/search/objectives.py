@@ -1,0 +1,128 @@
+"""The two objectives of a trial, and the in-loop signal, computed with ``memcontrol.metrics`` on its samples.
+
+Memorization: nearest-neighbour copy detection of the samples against the training set, in the configured feature
+space (the mean or 95th percentile of each sample's similarity to its nearest training image, or the fraction of
+copies above tau), or the pixel-space distance-ratio test. Quality: the Fréchet distance (or KID) between the
+samples and the held-out images. The references (training and held-out features) are computed once per worker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .settings import SearchSettings
+
+
+@dataclass
+class References:
+    memorization_embedder: object
+    quality_embedder: object
+    train_features: torch.Tensor
+    train_keys: list[str]
+    heldout_features: torch.Tensor
+    train_pixels: torch.Tensor | None   # only for the distance-ratio metric, which works in pixel space
+
+
+def dataset_pixels(dataset, batch_size: int = 64):
+    """The dataset's images in batches (N x C x H x W in [-1, 1]), so that large sets never sit in memory."""
+    for start in range(0, len(dataset), batch_size):
+        yield torch.stack([dataset[i]["pixel_values"] for i in range(start, min(start + batch_size, len(dataset)))])
+
+
+def embed_dataset(embedder, dataset, cache_dir: Path | None = None, digest: str | None = None) -> torch.Tensor:
+    """Features of a dataset, batch by batch; kept in ``cache_dir`` when the dataset's content ``digest`` (the
+    training cache's hash of pixels and captions) is known, so that later workers and runs read them back."""
+    from safetensors.torch import load_file, save_file
+
+    path = None
+    if cache_dir is not None and digest is not None:
+        key = hashlib.sha256(f"{embedder.fingerprint()}|{digest}".encode()).hexdigest()[:24]
+        path = Path(cache_dir) / f"features-{key}.safetensors"
+        if path.is_file():
+            return load_file(str(path))["features"]
+    feats = torch.cat([embedder.embed(batch).float().cpu() for batch in dataset_pixels(dataset)])
+    if path is not None:
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        save_file({"features": feats.contiguous()}, str(tmp))
+        tmp.replace(path)
+    return feats
+
+
+def quality_name(settings: SearchSettings) -> str:
+    q = settings.objectives["quality"]
+    features = q["features"].get("type", "?")
+    if q["metric"] == "kid":
+        return f"KID[{features}]"
+    return "FID" if features == "inception" else f"FD[{features}]"
+
+
+def build_references(settings: SearchSettings, pipe, train_set, heldout, train_digest: str) -> References:
+    from ..metrics import build_embedder
+
+    mem, qual = settings.objectives["memorization"], settings.objectives["quality"]
+    device = pipe.unet.device
+    mem_embedder = build_embedder(mem["features"], pipe=pipe, device=device)
+    qual_embedder = (mem_embedder if qual["features"] == mem["features"]
+                     else build_embedder(qual["features"], pipe=pipe, device=device))
+    pixels = (torch.cat(list(dataset_pixels(train_set)))
+              if settings.memorization_metric == "distance_ratio_fraction" else None)
+    cache = Path(settings.data["cache_dir"])
+    return References(mem_embedder, qual_embedder, embed_dataset(mem_embedder, train_set, cache, train_digest),
+                      list(train_set.keys), embed_dataset(qual_embedder, heldout), pixels)
+
+
+def sample(settings: SearchSettings, pipe, prompts: list[str]) -> torch.Tensor:
+    from ..sampling import generate_samples
+
+    s = settings.sampling
+    return generate_samples(pipe, prompts, n_per_prompt=s["per_prompt"], steps=s["steps"], seed=s["seed"],
+                            guidance_scale=s["guidance_scale"], sampler=s["sampler"])
+
+
+def measure(settings: SearchSettings, refs: References, samples: torch.Tensor) -> tuple[dict, list]:
+    """Scalar metrics (``memorization`` and ``quality`` are the objectives) and, per sample, its nearest training
+    item (index, key, similarity) for the copy pairs of the report."""
+    from ..metrics import copy_detection, distance_ratio, frechet_distance, kid
+
+    mem, qual = settings.objectives["memorization"], settings.objectives["quality"]
+    gen = refs.memorization_embedder.embed(samples).float().cpu()
+    copies = copy_detection(gen, refs.train_features, refs.train_keys, tau=float(mem["tau"]))
+    metrics = {"mean_similarity": copies["mean"], "p95_similarity": copies["p95"], "max_similarity": copies["max"],
+               "copy_fraction": copies["fraction"], "copied_items": len(copies["attribution"])}
+    if settings.memorization_metric == "distance_ratio_fraction":
+        metrics["distance_ratio_fraction"] = distance_ratio(samples, refs.train_pixels, refs.train_keys)["fraction"]
+    gen_q = gen if refs.quality_embedder is refs.memorization_embedder else \
+        refs.quality_embedder.embed(samples).float().cpu()
+    if qual["metric"] == "kid":
+        metrics["kid"], metrics["kid_std"] = kid(gen_q, refs.heldout_features, subsets=int(qual["kid_subsets"]),
+                                                 subset_size=len(gen_q))
+    else:
+        metrics["fd"] = frechet_distance(gen_q, refs.heldout_features)
+    metrics["memorization"] = metrics[settings.memorization_metric]
+    metrics["quality"] = metrics[qual["metric"]]
+    per_sample = copies["samples"]
+    neighbours = [{"index": i, "key": k, "similarity": sim}
+                  for i, k, sim in zip(per_sample["nn_index"], per_sample["nn_key"], per_sample["similarity"])]
+    return metrics, neighbours
+
+
+def probe_embeddings(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text embeddings of the probe prompts and of the empty prompt, computed once per worker."""
+    from ..training import encode_prompts
+
+    return encode_prompts(pipe, prompts), encode_prompts(pipe, [""])
+
+
+def probe_signal(settings: SearchSettings, unet, scheduler, probe: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """Mean text-conditional noise norm of the probe prompts (Wen et al., ICLR 2024), on a bare UNet: the form a
+    training callback has at hand, with the embeddings computed once."""
+    from ..metrics import noise_norm
+
+    cond, empty = probe
+    return float(noise_norm(unet, cond, steps=int(settings.early_stop["noise_steps"]), seed=0, uncond_embeds=empty,
+                            scheduler=scheduler, progress=False).mean())

@@ -1,0 +1,157 @@
+"""The search's outputs beside the study storage: ``pareto.csv`` and ``trials.csv``, the Pareto front as a PNG and
+as an interactive plotly page (``pareto_front.html``, offline: plotly.js is inlined), the comparison table printed at
+the end, and ``report.html``."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from pathlib import Path
+
+from .results import Results, Row
+from .settings import SearchSettings
+
+BASELINE_MARKERS = {"full fine-tuning": "s", "LoRA on all attention": "^", "bias + norm tuning": "D"}
+PLOTLY_SYMBOLS = {"s": "square", "^": "triangle-up", "D": "diamond"}
+COLUMNS = ["kind", "number", "label", "state", "memorization", "quality", "feasible", "pareto", "chosen", "family",
+           "n_sites", "lr", "trainable", "trainable_percent", "steps", "step_budget", "early_stopped",
+           "train_seconds", "sample_seconds", "metric_seconds", "total_seconds"]
+TRAILING = ["reason", "folder"]
+SKIP_ATTRS = {"worker", "heartbeat", "status", "baseline", "interrupted", "retry_of", "attempt"}
+
+
+def axis_names(settings: SearchSettings) -> tuple[str, str]:
+    from .objectives import quality_name
+
+    return f"memorization ({settings.memorization_metric})", f"quality distance ({quality_name(settings)})"
+
+
+def _value(row: Row, column: str):
+    if column in ("kind", "number", "label", "state", "memorization", "quality", "feasible", "pareto", "chosen"):
+        return getattr(row, column)
+    return row.get(column)
+
+
+def write_csv(rows: list[Row], path: Path) -> Path:
+    """One line per row: the fixed columns, every other recorded metric, then the reason and the folder."""
+    known = SKIP_ATTRS | set(COLUMNS) | set(TRAILING)
+    extra = sorted({k for r in rows for k, v in r.attrs.items() if k not in known and not isinstance(v, (list, dict))})
+    columns = COLUMNS + extra + TRAILING
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(columns)
+        for r in rows:
+            writer.writerow(["" if (v := _value(r, c)) is None else v for c in columns])
+    tmp.replace(path)
+    return path
+
+
+def plot_front_png(results: Results, settings: SearchSettings, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xlabel, ylabel = axis_names(settings)
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
+    done = [r for r in results.trials if r.state == "complete" and r.memorization is not None]
+    feas = [r for r in done if r.feasible]
+    infeas = [r for r in done if not r.feasible]
+    ax.scatter([r.memorization for r in feas], [r.quality for r in feas], c="0.6", s=22, label="trials")
+    if infeas:
+        ax.scatter([r.memorization for r in infeas], [r.quality for r in infeas], c="0.6", marker="x", s=22,
+                   label="trials breaking a limit")
+    if results.front:
+        ax.plot([r.memorization for r in results.front], [r.quality for r in results.front], "-o", c="tab:red",
+                ms=5, lw=1.2, label="Pareto front")
+    chosen = results.chosen
+    if chosen is not None:
+        ax.scatter([chosen.memorization], [chosen.quality], marker="*", s=260, c="gold", edgecolors="k",
+                   zorder=5, label=f"chosen ({chosen.label})")
+    for b in results.baselines:
+        if b.memorization is None:
+            continue
+        ax.scatter([b.memorization], [b.quality], marker=BASELINE_MARKERS.get(b.label, "P"), s=70, c="tab:blue",
+                   edgecolors="k", zorder=4, label=f"baseline: {b.label}")
+    ax.set_xlabel(xlabel + "  (lower is better)")
+    ax.set_ylabel(ylabel + "  (lower is better)")
+    ax.set_title("MemControl search: memorization vs quality")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    tmp = path.with_name(f"tmp{os.getpid()}-{path.name}")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def _hover(r: Row) -> str:
+    parts = [r.label, f"memorization {r.memorization:.4g}", f"quality {r.quality:.4g}"]
+    if r.get("family"):
+        parts.append(f"{r.get('family')} on {r.get('n_sites')} site(s), lr {r.get('lr', 0):.2e}")
+    if r.get("trainable_percent") is not None:
+        parts.append(f"trainable {r.get('trainable_percent'):.3f}%")
+    if r.get("steps") is not None:
+        parts.append(f"{r.get('steps')} steps, {r.get('total_seconds', 0):.1f} s")
+    return "<br>".join(parts)
+
+
+def plot_front_html(results: Results, settings: SearchSettings, path: Path) -> Path:
+    import plotly.graph_objects as go
+
+    xlabel, ylabel = axis_names(settings)
+    fig = go.Figure()
+    done = [r for r in results.trials if r.state == "complete" and r.memorization is not None and not r.pareto]
+    fig.add_trace(go.Scatter(x=[r.memorization for r in done], y=[r.quality for r in done], mode="markers",
+                             name="trials", marker=dict(color="gray", symbol=[
+                                 "circle" if r.feasible else "x" for r in done]),
+                             text=[_hover(r) for r in done], hoverinfo="text"))
+    fig.add_trace(go.Scatter(x=[r.memorization for r in results.front], y=[r.quality for r in results.front],
+                             mode="lines+markers", name="Pareto front", line=dict(color="crimson"),
+                             text=[_hover(r) for r in results.front], hoverinfo="text"))
+    if results.chosen is not None:
+        c = results.chosen
+        fig.add_trace(go.Scatter(x=[c.memorization], y=[c.quality], mode="markers", name=f"chosen ({c.label})",
+                                 marker=dict(symbol="star", size=18, color="gold", line=dict(color="black", width=1)),
+                                 text=[_hover(c)], hoverinfo="text"))
+    for b in results.baselines:
+        if b.memorization is None:
+            continue
+        fig.add_trace(go.Scatter(x=[b.memorization], y=[b.quality], mode="markers", name=f"baseline: {b.label}",
+                                 marker=dict(symbol=PLOTLY_SYMBOLS.get(BASELINE_MARKERS.get(b.label, ""), "cross"),
+                                             size=12, color="royalblue", line=dict(color="black", width=1)),
+                                 text=[_hover(b)], hoverinfo="text"))
+    fig.update_layout(title="MemControl search: memorization vs quality (both lower is better)",
+                      xaxis_title=xlabel, yaxis_title=ylabel, template="plotly_white")
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    fig.write_html(str(tmp), include_plotlyjs=True, full_html=True)
+    tmp.replace(path)
+    return path
+
+
+def fmt(value, spec=".4g") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, spec) if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+
+
+def comparison_rows(results: Results) -> list[Row]:
+    """What the final table compares: the baselines, then the Pareto trials (the chosen one marked)."""
+    return results.baselines + results.front
+
+
+def comparison_table(results: Results, settings: SearchSettings) -> str:
+    header = ["", "memorization", "quality", "trainable %", "steps", "seconds", "state"]
+    lines = []
+    for r in comparison_rows(results):
+        steps = f"{fmt(r.get('steps'))}/{fmt(r.get('step_budget'))}" if r.get("steps") is not None else "-"
+        lines.append([("* " if r.chosen else "  ") + r.label, fmt(r.memorization), fmt(r.quality),
+                      fmt(r.get("trainable_percent"), ".3f"), steps, fmt(r.get("total_seconds"), ".1f"), r.state])
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
+    out = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in [header, *lines]]
+    xlabel, ylabel = axis_names(settings)
+    out.append(f"memorization: {xlabel}; quality: {ylabel}; * = chosen")
+    return "\n".join(out)

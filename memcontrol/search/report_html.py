@@ -1,0 +1,118 @@
+"""``report.html`` of a search: one self-contained page (pictures embedded) that says what was chosen and why,
+how it compares with the baselines, what every trial cost, and shows the chosen candidate's closest copies."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from .report import fmt, axis_names, comparison_rows
+from .results import Results, Row
+from .settings import SearchSettings
+from .study import hide_password
+from .worker import baseline_dir, trial_dir
+
+log = logging.getLogger(__name__)
+
+MAX_PAIRS = 12
+ROW_HEADER = ["candidate", "state", "memorization", "quality", "copy fraction", "trainable %", "family / sites",
+              "lr", "steps / budget", "seconds", "reason"]
+
+
+def _steps(r: Row) -> str:
+    return f"{fmt(r.get('steps'))}/{fmt(r.get('step_budget'))}" if r.get("steps") is not None else "-"
+
+
+def _cells(r: Row) -> list:
+    return [("★ " if r.chosen else "") + r.label, r.state, fmt(r.memorization), fmt(r.quality),
+            fmt(r.get("copy_fraction"), ".2f"), fmt(r.get("trainable_percent"), ".3f"),
+            f"{r.get('family', '-')} / {r.get('n_sites', '-')}", fmt(r.get("lr"), ".2e"), _steps(r),
+            fmt(r.get("total_seconds"), ".1f"), (r.get("reason") or "")[:200]]
+
+
+def _folder(settings: SearchSettings, r: Row) -> Path:
+    return trial_dir(settings.out_dir, r.number) if r.kind == "trial" else baseline_dir(
+        settings.out_dir, r.get("baseline", ""))
+
+
+def copy_pairs_png(settings: SearchSettings, folder: Path) -> Path | None:
+    """The candidate's samples beside their nearest training images, most similar first (``copy_pairs.png``)."""
+    import numpy as np
+    from PIL import Image
+
+    from ..report import pairs_figure, save_figure
+    from .context import load_dataset
+
+    path = folder / "neighbours.json"
+    if not path.is_file():
+        return None
+    neighbours = json.loads(path.read_text())
+    order = sorted(range(len(neighbours)), key=lambda i: -neighbours[i]["similarity"])[:MAX_PAIRS]
+    try:
+        train = load_dataset(settings.data["train"], settings.data["resolution"], settings.data["max_train"])
+    except Exception as err:  # noqa: BLE001 - the report is still useful without these pictures
+        log.warning("copy pairs left out of the report: the training data cannot be read (%s)", err)
+        return None
+    generated = [torch.from_numpy(np.asarray(Image.open(folder / "samples" / f"{i:03d}.png").convert("RGB"),
+                                             dtype=np.float32) / 127.5 - 1).permute(2, 0, 1) for i in order]
+    nearest = [train[neighbours[i]["index"]]["pixel_values"] for i in order]
+    labels = [f"{neighbours[i]['key']} sim {neighbours[i]['similarity']:.3f}" for i in order]
+    return save_figure(pairs_figure(generated, nearest, labels, columns=min(4, len(order))), folder / "copy_pairs.png")
+
+
+def write_report(settings: SearchSettings, results: Results, path: Path) -> Path:
+    from ..report import HtmlReport
+
+    xlabel, ylabel = axis_names(settings)
+    chosen = results.chosen
+    counts = results.counts()
+    rep = HtmlReport("MemControl search")
+    rep.add_text(f"Study '{settings.study_name}' in {hide_password(settings.storage_url)}: budget "
+                 f"{settings.n_trials} trials; " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) +
+                 f". Memorization: {xlabel}. Quality: {ylabel}. Both are lower-is-better.")
+    if chosen is not None:
+        rep.add_heading("Chosen candidate")
+        rep.add_text(f"{chosen.label}: {results.selection.explanation}. Memorization {fmt(chosen.memorization)}, "
+                     f"quality {fmt(chosen.quality)}, {chosen.get('family')} on {chosen.get('n_sites')} site(s), "
+                     f"{fmt(chosen.get('trainable_percent'), '.3f')}% of the UNet trainable. Exported to "
+                     f"{settings.out_dir / 'best'}.")
+        candidate = _folder(settings, chosen) / "candidate.json"
+        if candidate.is_file():
+            spec = json.loads(candidate.read_text())
+            rep.add_table([[site] for site in spec["sites"]], columns=[f"trained sites ({spec['granularity']} level)"])
+            rep.add_text(f"{spec['family']} {spec['family_params']}; training overrides {spec['train']}")
+    else:
+        rep.add_heading("No candidate")
+        rep.add_text("No trial finished with both metrics within the limits; nothing was exported.", note=True)
+    rep.add_heading("Pareto front")
+    rep.add_figure(settings.out_dir / "pareto_front.png", "Pareto front (star: chosen; blue: baselines). "
+                                                          "Interactive version: pareto_front.html.")
+    rep.add_heading("Search against the baselines")
+    rep.add_table([_cells(r) for r in comparison_rows(results)], columns=ROW_HEADER,
+                  caption="Baselines (same data, training budget, samples and metrics) and the Pareto trials")
+    savings = results.early_stop_savings()
+    if savings["stopped"]:
+        saved = f", about {savings['seconds_saved']:.0f} s" if savings["seconds_saved"] is not None else ""
+        rep.add_text(f"Early stopping on the noise-norm signal stopped {savings['stopped']} trial(s): "
+                     f"{savings['steps_saved']} training steps not run, no sampling or metrics for them{saved}.")
+    rep.add_heading("All trials")
+    rep.add_table([_cells(r) for r in results.baselines + results.trials], columns=ROW_HEADER)
+    if chosen is not None:
+        pairs = copy_pairs_png(settings, _folder(settings, chosen))
+        if pairs is not None:
+            rep.add_heading("Closest training images of the chosen candidate's samples")
+            rep.add_figure(pairs, "Each generated sample beside its nearest training image in the memorization "
+                                  "feature space, most similar first.")
+    rep.add_heading("Samples")
+    for r in [*([chosen] if chosen is not None else []), *results.baselines,
+              *[f for f in results.front if not f.chosen]]:
+        grid = _folder(settings, r) / "samples.png"
+        if grid.is_file():
+            rep.add_figure(grid, f"{r.label}: memorization {fmt(r.memorization)}, quality {fmt(r.quality)}")
+    tmp = path.with_name(f"tmp{os.getpid()}-{path.name}")
+    rep.write(tmp)
+    return tmp.replace(path)

@@ -1,0 +1,202 @@
+"""``memcontrol search`` from start to end: open (or resume) the study, run the workers, then select, export and
+report.
+
+Re-running the same command continues the study: finished trials stay in the storage and are never recomputed,
+trials whose worker died are run again, and once the budget is used the command only rebuilds the outputs. The
+same command started on several machines with one ``--storage`` URL shares the work.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from . import study as st
+from .baselines import queue_baselines
+from .results import Results, collect
+from .settings import SearchSettings
+from .worker import run_worker, trial_dir
+
+log = logging.getLogger(__name__)
+
+BEST_DIR = "best"
+
+
+@dataclass
+class SearchOutputs:
+    results: Results
+    report: Path
+    best: Path | None
+    table: str
+
+
+def prepare_studies(settings: SearchSettings) -> None:
+    """Create the studies on first use (queueing baselines and user candidates once), or check that the stored
+    ones were made with this configuration."""
+    storage = st.open_storage(settings.storage_url)
+    study, created = st.open_study(storage, settings.study_name, fingerprint_sections=settings.fingerprint_sections())
+    if created:
+        for params in settings.search["enqueue"] or []:
+            study.enqueue_trial(dict(params))
+        st.mark_ready(study)
+    elif not st.wait_until_ready(study):
+        log.warning("study '%s' was created by a run that stopped before setting it up; continuing",
+                    settings.study_name)
+        st.mark_ready(study)
+    if settings.baselines["enabled"]:
+        bstudy, created = st.open_study(storage, settings.baseline_study_name,
+                                        fingerprint_sections=settings.baseline_fingerprint_sections())
+        if not created:
+            st.wait_until_ready(bstudy)
+        queue_baselines(bstudy, list(settings.baselines["methods"]), settings.search["max_attempts"])
+        st.mark_ready(bstudy)
+
+
+def work_left(settings: SearchSettings) -> bool:
+    storage = st.open_storage(settings.storage_url)
+    study = optuna.load_study(storage=storage, study_name=settings.study_name)
+    st.reclaim_stale_trials(study, settings.search["grace_s"], settings.search["max_attempts"])
+    if st.budget_used(study) < settings.n_trials:
+        return True
+    if settings.baselines["enabled"]:
+        bstudy = optuna.load_study(storage=storage, study_name=settings.baseline_study_name)
+        st.reclaim_stale_trials(bstudy, settings.search["grace_s"], settings.search["max_attempts"])
+        return bool(bstudy.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+    return False
+
+
+def _worker_main(settings: SearchSettings, index: int, threads: int, first_ready) -> None:
+    import torch
+
+    from .context import preload
+
+    logging.basicConfig(level=logging.INFO, format=f"%(levelname)s worker{index} %(name)s: %(message)s")
+    torch.set_num_threads(threads)
+    preload()
+    # The first worker writes the training cache; the others wait for it (their imports done) and reuse it.
+    first_ready.wait()
+    run_worker(settings, index, progress=False)
+
+
+def run_workers(settings: SearchSettings, workers: int, progress: bool = True) -> None:
+    """Worker 0 runs in this process, the others in spawned processes (each loads its own model copy)."""
+    if workers <= 1:
+        run_worker(settings, 0, progress=progress)
+        return
+    import torch
+
+    ctx = multiprocessing.get_context("spawn")
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    first_ready = ctx.Event()
+    procs = [ctx.Process(target=_worker_main, args=(settings, i, threads, first_ready), name=f"worker{i}")
+             for i in range(1, workers)]
+    for p in procs:
+        p.start()
+    torch.set_num_threads(threads)
+    try:
+        run_worker(settings, 0, progress=progress, on_ready=first_ready.set)
+    finally:
+        first_ready.set()  # never leave the others waiting, whatever happened here
+        for p in procs:
+            p.join()
+    failed = [p.name for p in procs if p.exitcode]
+    if failed:
+        log.warning("%s stopped with an error; run the same command again to finish the study", ", ".join(failed))
+
+
+def prune_adapters(settings: SearchSettings, results: Results) -> None:
+    """Keep trained adapters of Pareto trials only: a dominated trial stays dominated as the study goes on."""
+    if settings.export["keep_adapters"] == "all":
+        return
+    for row in results.trials:
+        if row.state == "complete" and not row.pareto:
+            shutil.rmtree(trial_dir(settings.out_dir, row.number) / "adapter", ignore_errors=True)
+
+
+def export_best(settings: SearchSettings, results: Results) -> Path | None:
+    """Copy the chosen trial's exported adapter to ``OUT/best`` (retraining it when its folder is on another
+    machine) with ``selection.json`` saying why it was chosen."""
+    import json
+
+    from ..export import is_exported
+
+    chosen = results.chosen
+    if chosen is None:
+        return None
+    best = settings.out_dir / BEST_DIR
+    source = trial_dir(settings.out_dir, chosen.number) / "adapter"
+    if not is_exported(source):
+        source = retrain(settings, chosen.number)
+    tmp = best.with_name(f"{BEST_DIR}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    (tmp / "selection.json").write_text(json.dumps({
+        "trial": chosen.number, "rule": results.selection.rule, "explanation": results.selection.explanation,
+        "memorization": chosen.memorization, "quality": chosen.quality,
+        "memorization_metric": settings.memorization_metric, "quality_metric": settings.quality_metric,
+        "params": chosen.params, "pareto_front": [r.number for r in results.front]}, indent=2) + "\n")
+    # Swap in the new export; a worker on another machine finishing at the same time may do the same.
+    old = best.with_name(f"{BEST_DIR}.old{os.getpid()}")
+    if best.exists():
+        best.rename(old)
+    try:
+        tmp.rename(best)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    return best
+
+
+def retrain(settings: SearchSettings, number: int) -> Path:
+    """Train trial ``number`` again from its stored parameters (same seed: the same adapter)."""
+    from optuna.trial import FixedTrial
+
+    from .context import build_context, pick_device
+    from .trial import evaluate_candidate
+    from .worker import bind_space
+
+    log.info("the adapter of trial %d is not in this folder; training it again", number)
+    study = optuna.load_study(storage=st.open_storage(settings.storage_url), study_name=settings.study_name)
+    ctx = build_context(settings, pick_device(settings.model["device"], 0))
+    candidate = bind_space(settings, ctx.pipe.unet).sample(FixedTrial(study.trials[number].params))
+    folder = settings.out_dir / "retrained" / str(number)
+    outcome = evaluate_candidate(ctx, candidate, folder, early_stop=False, keep_adapter=True)
+    if outcome.status != "ok":
+        from ..errors import MemcontrolError
+
+        raise MemcontrolError(f"retraining trial {number} for export failed: {outcome.reason}")
+    return folder / "adapter"
+
+
+def finalize(settings: SearchSettings) -> SearchOutputs:
+    from .report import comparison_table, plot_front_html, plot_front_png, write_csv
+    from .report_html import write_report
+
+    results = collect(settings, st.open_storage(settings.storage_url))
+    out = settings.out_dir
+    write_csv(results.front, out / "pareto.csv")
+    write_csv(results.baselines + results.trials, out / "trials.csv")
+    plot_front_png(results, settings, out / "pareto_front.png")
+    plot_front_html(results, settings, out / "pareto_front.html")
+    prune_adapters(settings, results)
+    best = export_best(settings, results)
+    report = write_report(settings, results, out / "report.html")
+    return SearchOutputs(results, report, best, comparison_table(results, settings))
+
+
+def run_search(settings: SearchSettings, workers: int = 1, progress: bool = True) -> SearchOutputs:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    settings.out_dir.mkdir(parents=True, exist_ok=True)
+    prepare_studies(settings)
+    if work_left(settings):
+        run_workers(settings, workers, progress=progress)
+    else:
+        log.info("the study has used its budget (%d trials); rebuilding the outputs", settings.n_trials)
+    return finalize(settings)

@@ -1,0 +1,172 @@
+"""One candidate, evaluated: mask -> fine-tune (stopped early on the noise-norm signal) -> samples -> metrics.
+
+``evaluate_candidate`` is the small function the search calls for every trial and baseline. It never raises for a
+bad candidate: an exception, a non-finite loss or metric, or running out of memory comes back as a failed
+``Outcome`` with its reason, so that the study goes on. Everything a trial produces goes to its folder:
+``mask.json``, ``metrics.json`` (status, reason, metrics, compute), ``samples/`` and ``samples.png``, and, when
+asked, the trained ``adapter/`` in the export format.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import MemcontrolError
+from .context import SearchContext
+from .space import Candidate
+
+log = logging.getLogger(__name__)
+
+OK, STOPPED, FAILED = "ok", "stopped", "failed"
+
+
+@dataclass
+class Outcome:
+    status: str                    # ok | stopped | failed
+    reason: str | None = None
+    metrics: dict = field(default_factory=dict)    # scalar metrics; "memorization" and "quality" are the objectives
+    compute: dict = field(default_factory=dict)    # steps, step_budget, *_seconds, early_stopped
+    trainable: int | None = None
+    trainable_percent: float | None = None
+    signal: list = field(default_factory=list)     # (step, probe noise norm) pairs of the early-stopping check
+
+    @property
+    def objectives(self) -> list[float]:
+        return [self.metrics["memorization"], self.metrics["quality"]]
+
+
+class NoiseNormStop:
+    """The in-loop check: every K steps, the text-conditional noise norm of the probe prompts; a value above the
+    limit stops the run, since a rising noise norm is the signature of prompts being memorized."""
+
+    def __init__(self, ctx: SearchContext):
+        es = ctx.settings.early_stop
+        self.ctx = ctx
+        if es["max_value"] is not None:
+            self.limit = float(es["max_value"])
+        else:
+            self.limit = float(es["max_ratio"]) * ctx.base_noise_norm
+        self.history: list[tuple[int, float]] = []
+
+    def __call__(self, step: int, unet) -> str | None:
+        from .objectives import probe_signal
+
+        value = probe_signal(self.ctx.settings, unet, self.ctx.pipe.scheduler, self.ctx.probe)
+        self.history.append((step, value))
+        if not math.isfinite(value) or value > self.limit:
+            return f"early stop: probe noise norm {value:.4g} above the limit {self.limit:.4g} at step {step}"
+        return None
+
+
+def to_mask(candidate: Candidate, adaptable: set[str] | None = None):
+    """The candidate's mask. With ``adaptable`` (the sites where its family has something to train), switched-on
+    sites where the family trains nothing are left out, rather than failing the trial: a space that offers norms
+    switches and LoRA together has candidates with both."""
+    from ..errors import MaskError
+    from ..masks import Mask
+
+    sites = candidate.sites if adaptable is None else [s for s in candidate.sites if s in adaptable]
+    if candidate.sites and not sites:
+        raise MaskError(f"none of the candidate's {len(candidate.sites)} site(s) has a layer that "
+                        f"{candidate.family} can train")
+    return Mask(sites, candidate.family, candidate.family_params)
+
+
+def evaluate_candidate(ctx: SearchContext, candidate: Candidate, folder: Path, early_stop: bool = True,
+                       keep_adapter: bool = True, progress: bool = False) -> Outcome:
+    """Train, sample and measure one candidate; results in ``folder`` and in the returned ``Outcome``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "candidate.json").write_text(json.dumps(candidate.to_dict(), indent=2) + "\n")
+    start = time.perf_counter()
+    outcome = Outcome(FAILED)
+    try:
+        outcome = _evaluate(ctx, candidate, folder, early_stop, keep_adapter, progress)
+    except MemcontrolError as err:
+        outcome.reason = str(err)
+    except Exception as err:  # noqa: BLE001 - any error of one candidate is that trial's failure, not the study's
+        outcome.reason = f"{type(err).__name__}: {err}".strip()
+        (folder / "error.txt").write_text(traceback.format_exc())
+        log.error("trial in %s failed: %s (traceback in error.txt)", folder, outcome.reason)
+    finally:
+        if torch.cuda.is_available():
+            # The trained copy may sit in reference cycles (peft, accelerate): free its GPU memory before the next.
+            gc.collect()
+            torch.cuda.empty_cache()
+    outcome.compute["total_seconds"] = round(time.perf_counter() - start, 3)
+    (folder / "metrics.json").write_text(json.dumps(asdict(outcome), indent=2, default=float) + "\n")
+    return outcome
+
+
+def _evaluate(ctx, candidate, folder, early_stop, keep_adapter, progress) -> Outcome:
+    from ..training import TrainConfig, finetune, pipeline_with_unet
+    from .objectives import measure, sample
+
+    settings = ctx.settings
+    mask = to_mask(candidate, ctx.adaptable_sites(candidate.family, candidate.granularity))
+    mask.to_json(folder / "mask.json")
+    cfg = TrainConfig.from_dict({**settings.train, **candidate.train})
+    stopper = NoiseNormStop(ctx) if early_stop and settings.early_stop["enabled"] else None
+    # Adapter weights are initialised from torch's global generator when the mask is applied: seed it so that a
+    # trial trained again (for export on another machine) gives the same adapter.
+    torch.manual_seed(cfg.seed)
+    result = finetune(ctx.pipe, mask, ctx.cached, cfg, callback=stopper,
+                      callback_every=settings.early_stop["every"] if stopper else 0, progress=progress)
+    out = Outcome(OK, compute={"steps": result.steps, "step_budget": cfg.steps,
+                               "train_seconds": round(result.seconds, 3), "early_stopped": result.status == STOPPED})
+    out.signal = stopper.history if stopper else []
+    if result.applied is not None:
+        out.trainable, out.trainable_percent = result.applied.trainable, result.applied.percent
+    if result.losses:
+        out.metrics["final_loss"] = result.final_loss
+    if result.status != OK:
+        out.status, out.reason = (STOPPED if result.status == STOPPED else FAILED), result.reason
+        return out
+
+    tuned = pipeline_with_unet(ctx.pipe, result.applied.unet)
+    t0 = time.perf_counter()
+    samples = sample(settings, tuned, ctx.sample_prompts)
+    out.compute["sample_seconds"] = round(time.perf_counter() - t0, 3)
+    save_samples(samples, folder)
+    t0 = time.perf_counter()
+    metrics, neighbours = measure(settings, ctx.references, samples)
+    out.compute["metric_seconds"] = round(time.perf_counter() - t0, 3)
+    out.metrics.update(metrics)
+    (folder / "neighbours.json").write_text(json.dumps(neighbours) + "\n")
+    bad = [k for k in ("memorization", "quality") if not math.isfinite(out.metrics[k])]
+    if bad:
+        out.status, out.reason = FAILED, f"{' and '.join(bad)} is not finite ({out.metrics[bad[0]]})"
+        return out
+    if keep_adapter:
+        from ..export import export_adapter
+
+        export_adapter(ctx.pipe, result.applied, mask, folder / "adapter", metrics=out.metrics,
+                       info={"base_model": settings.model["path"], "data_size": len(ctx.cached),
+                             "train": cfg.to_dict(), "result": {"status": result.status, "steps": result.steps,
+                                                                "seconds": result.seconds,
+                                                                "final_loss": result.final_loss}})
+    return out
+
+
+def save_samples(samples: torch.Tensor, folder: Path) -> None:
+    """Each sample as ``samples/NNN.png`` and all of them as one grid ``samples.png``."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    def to_uint8(t: torch.Tensor):
+        return ((t.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+    (folder / "samples").mkdir(exist_ok=True)
+    for i, image in enumerate(samples):
+        Image.fromarray(to_uint8(image)).save(folder / "samples" / f"{i:03d}.png")
+    grid = make_grid(samples.detach().float().cpu(), nrow=min(8, len(samples)), padding=2, pad_value=1.0)
+    Image.fromarray(to_uint8(grid)).save(folder / "samples.png")

@@ -1,0 +1,147 @@
+"""A search worker: takes trials from the shared study until the budget is used, evaluates them, records them.
+
+Any number of workers, in one machine's processes or on several machines, run this same loop against one storage.
+Each first takes the queued baselines (each is run by exactly one worker), then asks the sampler for candidates.
+A trial's results go to its Optuna record (values, state, user attributes) and to ``OUT/trials/<number>/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from . import study as st
+from .baselines import BASELINE_ATTR, baseline_candidate
+from .context import SearchContext, build_context, pick_device
+from .settings import SearchSettings
+from .space import SearchSpace, load_space
+from .trial import FAILED, OK, STOPPED, Outcome, evaluate_candidate
+
+log = logging.getLogger(__name__)
+
+STATES = {OK: TrialState.COMPLETE, STOPPED: TrialState.PRUNED, FAILED: TrialState.FAIL}
+
+
+def trial_dir(out_dir: Path, number: int) -> Path:
+    return Path(out_dir) / "trials" / str(number)
+
+
+def baseline_dir(out_dir: Path, name: str) -> Path:
+    return Path(out_dir) / "baselines" / name
+
+
+def bind_space(settings: SearchSettings, unet) -> SearchSpace:
+    from ..masks import enumerate_sites
+
+    space = load_space(settings.space)
+    return space.bind(enumerate_sites(unet, space.granularity))
+
+
+def record(trial: optuna.trial.Trial, candidate, outcome: Outcome, folder: Path, settings: SearchSettings):
+    """Everything the report needs, as user attributes (also what optuna-dashboard shows)."""
+    trial.set_user_attr(st.ATTR_STATUS, outcome.status)
+    trial.set_user_attr("family", candidate.family)
+    trial.set_user_attr("n_sites", len(candidate.sites))
+    trial.set_user_attr("lr", float(candidate.train.get("lr", settings.train.get("lr", 0.0))))
+    if outcome.reason:
+        trial.set_user_attr(st.ATTR_REASON, outcome.reason[:2000])
+    trial.set_user_attr("folder", str(folder.relative_to(settings.out_dir)))
+    if outcome.trainable is not None:
+        trial.set_user_attr("trainable", outcome.trainable)
+        trial.set_user_attr("trainable_percent", outcome.trainable_percent)
+    for key, value in {**outcome.metrics, **outcome.compute}.items():
+        trial.set_user_attr(key, value)
+    if outcome.status != FAILED:
+        st.record_constraints(trial, settings.constraints, outcome.metrics)
+
+
+def run_trial(study: optuna.Study, trial: optuna.trial.Trial, ctx: SearchContext, candidate, folder: Path,
+              early_stop: bool, keep_adapter: bool) -> Outcome:
+    settings = ctx.settings
+    with st.Heartbeat(study, trial, settings.search["heartbeat_s"]):
+        try:
+            outcome = evaluate_candidate(ctx, candidate, folder, early_stop=early_stop, keep_adapter=keep_adapter)
+        except KeyboardInterrupt:
+            # Ctrl-C: give the trial back to the study so that the next run repeats it.
+            st.give_back(study, study.get_trials(deepcopy=False)[trial.number], "stopped by the user",
+                         settings.search["max_attempts"])
+            raise
+        record(trial, candidate, outcome, folder, settings)
+    values = outcome.objectives if outcome.status == OK else None
+    study.tell(trial, values, state=STATES[outcome.status])
+    log.info("trial %s: %s%s", folder.name, outcome.status,
+             f" memorization={values[0]:.4g} quality={values[1]:.4g}" if values else f" ({outcome.reason})")
+    return outcome
+
+
+def run_baselines(bstudy: optuna.Study, ctx: SearchContext) -> None:
+    """Take queued baselines until none is left; another worker may take some of them."""
+    settings = ctx.settings
+    while bstudy.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        trial = bstudy.ask()
+        name = bstudy.get_trials(deepcopy=False)[trial.number].user_attrs.get(BASELINE_ATTR)
+        if name is None:
+            # The last queued baseline went to another worker between the check and the ask.
+            st.discard_surplus(bstudy, trial, "no baseline left to run")
+            continue
+        candidate = baseline_candidate(name, settings, ctx.pipe.unet)
+        run_trial(bstudy, trial, ctx, candidate, baseline_dir(settings.out_dir, name), early_stop=False,
+                  keep_adapter=False)
+
+
+def run_search_trials(study: optuna.Study, ctx: SearchContext, space: SearchSpace, deadline: float | None) -> int:
+    settings = ctx.settings
+    done = 0
+    while True:
+        if deadline is not None and time.monotonic() > deadline:
+            log.info("time limit reached; no new trials")
+            break
+        st.reclaim_stale_trials(study, settings.search["grace_s"], settings.search["max_attempts"])
+        if st.budget_used(study) >= settings.n_trials:
+            break
+        trial = study.ask()
+        if st.claimed_before(study, trial.number) >= settings.n_trials:
+            st.discard_surplus(study, trial, "the budget was used by other workers")
+            break
+        st.reseed_for_trial(study.sampler, settings.search["seed"], trial.number)
+        candidate = space.sample(trial)
+        # A candidate with every switch off is a failed trial too: its mask is refused, at no cost.
+        run_trial(study, trial, ctx, candidate, trial_dir(settings.out_dir, trial.number), early_stop=True,
+                  keep_adapter=True)
+        done += 1
+    return done
+
+
+def run_worker(settings: SearchSettings, worker_index: int = 0, progress: bool = True, on_ready=None) -> int:
+    """One worker's whole life: load the model once, run baselines, then trials. Returns the trials it ran.
+    ``on_ready`` is called once the model is loaded and the training cache written."""
+    import torch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    start = time.monotonic()
+    deadline = start + settings.search["timeout"] if settings.search["timeout"] else None
+    storage = st.open_storage(settings.storage_url)
+    device = pick_device(settings.model["device"], worker_index)
+    ctx = build_context(settings, device, progress=progress)
+    if on_ready is not None:
+        on_ready()
+    space = bind_space(settings, ctx.pipe.unet)
+    trials_so_far = len(optuna.load_study(storage=storage, study_name=settings.study_name).trials)
+    sampler = st.make_sampler(settings.search["sampler"], settings.n_trials,
+                              st.worker_seed(settings.search["seed"], worker_index, trials_so_far),
+                              settings.search["population_size"])
+    study = optuna.load_study(storage=storage, study_name=settings.study_name, sampler=sampler)
+    if settings.baselines["enabled"]:
+        bstudy = optuna.load_study(storage=storage, study_name=settings.baseline_study_name)
+        st.reclaim_stale_trials(bstudy, settings.search["grace_s"], settings.search["max_attempts"])
+        run_baselines(bstudy, ctx)
+    log.info("searching: %s", space.describe())
+    done = run_search_trials(study, ctx, space, deadline)
+    del ctx
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return done
