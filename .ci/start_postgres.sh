@@ -8,9 +8,11 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
 fi
 BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
 DATA=/tmp/memcontrol-pg
-rm -rf "$DATA"; mkdir -p "$DATA"; chown postgres "$DATA" 2>/dev/null || true
 RUN="runuser -u postgres --"
 id postgres >/dev/null 2>&1 || RUN=""
+# A cluster left by an earlier run (same machine) would hold the port: stop it before starting afresh.
+[ -f "$DATA/postmaster.pid" ] && $RUN "$BIN/pg_ctl" -D "$DATA" -m immediate stop >/dev/null 2>&1 || true
+rm -rf "$DATA"; mkdir -p "$DATA"; chown postgres "$DATA" 2>/dev/null || true
 $RUN "$BIN/initdb" -D "$DATA" -A trust -U memcontrol >/dev/null
 $RUN "$BIN/pg_ctl" -D "$DATA" -o "-p 55432 -k /tmp -c listen_addresses=127.0.0.1" -l "$DATA/log" -w start >/dev/null
 $RUN "$BIN/createdb" -h 127.0.0.1 -p 55432 -U memcontrol memcontrol
