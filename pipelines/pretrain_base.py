@@ -30,8 +30,7 @@ sys.path.insert(0, str(REPO))
 from memcontrol.data.cohorts import public_cohort  # noqa: E402
 from memcontrol.masks import Mask  # noqa: E402
 from memcontrol.models import save_pipeline, tiny_pipeline  # noqa: E402
-from memcontrol.training import TrainConfig, cache_training_data, finetune  # noqa: E402
-from memcontrol.training.cache import InMemoryDataset  # noqa: E402
+from memcontrol.training import InMemoryDataset, TrainConfig, cache_training_data, finetune  # noqa: E402
 
 CHECKSUMS = "CHECKSUMS.sha256"
 
