@@ -311,6 +311,7 @@ def test_space_errors(spec, message, unets):
     ({"data": {"heldout": None}}, "data.heldout is not set"),
     ({"space": {"family_params": {"lora": {"rnk": 2}}}}, "unknown parameters"),
     ({"selection": {"rule": "best"}}, "selection.rule 'best'"),
+    ({"search": {"workers": 0}}, "search.workers must be"),
 ])
 def test_settings_mistakes_are_reported_before_any_model_loads(tmp_path, change, message):
     from fixtures_search import cheap_search_config
@@ -335,6 +336,7 @@ def test_settings_resolve_paths_and_defaults(tmp_path):
     assert settings.data["cache_dir"] == str(tmp_path / "out" / "cache")
     assert settings.storage_url == f"sqlite:///{tmp_path / 'out' / 'study.db'}"
     assert settings.n_trials == 7 and settings.selection["rule"] == "margin"
+    assert settings.search["workers"] == 1 and load_settings(cfg, tmp_path / "out", workers=3).search["workers"] == 3
     # Where the cache lives is not part of what makes results comparable (machines sharing a study differ there).
     other = load_settings(cfg, tmp_path / "elsewhere", n_trials=7)
     assert other.fingerprint_sections() == settings.fingerprint_sections()

@@ -21,8 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                                    "(all workers together; default from the config)")
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds after which this command's workers start no new trial")
-    parser.add_argument("--workers", type=int, default=1,
-                        help="worker processes on this machine (GPUs are shared out round robin)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="worker processes on this machine (default: search.workers, 1); CPU threads and GPUs "
+                             "are shared out among them")
 
 
 def run(args) -> int:
@@ -31,13 +32,13 @@ def run(args) -> int:
     from ..search.run import run_search
     from ..search.settings import load_settings
 
-    if args.workers < 1:
+    if args.workers is not None and args.workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {args.workers}")
     if args.n_trials is not None and args.n_trials < 1:
         raise ConfigError(f"--n-trials must be at least 1, got {args.n_trials}")
     settings = load_settings(load_config(args.config), args.out, storage=args.storage, n_trials=args.n_trials,
-                             timeout=args.timeout)
-    outputs = run_search(settings, workers=args.workers)
+                             timeout=args.timeout, workers=args.workers)
+    outputs = run_search(settings, workers=settings.search["workers"])
     counts = outputs.results.counts()
     print(f"trials: {', '.join(f'{n} {state}' for state, n in sorted(counts.items())) or 'none'} "
           f"(budget {settings.n_trials})")

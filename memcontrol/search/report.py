@@ -144,14 +144,17 @@ def comparison_rows(results: Results) -> list[Row]:
 
 
 def comparison_table(results: Results, settings: SearchSettings) -> str:
-    header = ["", "memorization", "quality", "trainable %", "steps", "seconds", "state"]
+    header = ["", "memorization", "quality", "copy rate", "KID", "trainable %", "steps", "seconds", "state"]
     lines = []
     for r in comparison_rows(results):
         steps = f"{fmt(r.get('steps'))}/{fmt(r.get('step_budget'))}" if r.get("steps") is not None else "-"
         lines.append([("* " if r.chosen else "  ") + r.label, fmt(r.memorization), fmt(r.quality),
+                      fmt(r.get("copy_fraction"), ".2f"), fmt(r.get("kid"), ".2g"),
                       fmt(r.get("trainable_percent"), ".3f"), steps, fmt(r.get("total_seconds"), ".1f"), r.state])
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
     out = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in [header, *lines]]
     xlabel, ylabel = axis_names(settings)
-    out.append(f"memorization: {xlabel}; quality: {ylabel}; * = chosen")
+    tau = settings.objectives["memorization"]["tau"]
+    out.append(f"memorization: {xlabel}; quality: {ylabel}; copy rate: share of samples above tau {tau}; "
+               "* = chosen")
     return "\n".join(out)

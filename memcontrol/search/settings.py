@@ -33,7 +33,7 @@ DEFAULTS = {
                    "max_value": None},
     "search": {"n_trials": 40, "timeout": None, "sampler": "nsga2", "population_size": None, "seed": 0,
                "study_name": "memcontrol", "storage": None, "constraints": [], "enqueue": [], "heartbeat_s": 30,
-               "grace_s": 300, "max_attempts": 2},
+               "grace_s": 300, "max_attempts": 2, "workers": 1},
     "baselines": {"enabled": True, "methods": list(BASELINES), "lora_rank": 4,
                   "lr": {"full_ft": 1e-5, "lora_attention": 1e-4, "bitfit_norm": 1e-4}},
     "selection": {"rule": "margin", "margin": 0.1, "relative": True, "weights": [0.5, 0.5]},
@@ -126,7 +126,7 @@ class SearchSettings:
 
 
 def load_settings(cfg: dict, out_dir: str | Path, storage: str | None = None, n_trials: int | None = None,
-                  timeout: float | None = None) -> SearchSettings:
+                  timeout: float | None = None, workers: int | None = None) -> SearchSettings:
     """Settings from a loaded config (``memcontrol.config.load_config``) and the command-line overrides."""
     from .study import resolve_storage_url
 
@@ -173,7 +173,10 @@ def load_settings(cfg: dict, out_dir: str | Path, storage: str | None = None, n_
         search["n_trials"] = n_trials
     if timeout is not None:
         search["timeout"] = timeout
+    if workers is not None:
+        search["workers"] = workers
     _positive_int(search["n_trials"], "search.n_trials")
+    _positive_int(search["workers"], "search.workers")
     for key in ("heartbeat_s", "grace_s"):
         if not isinstance(search[key], (int, float)) or search[key] <= 0:
             raise ConfigError(f"search.{key} must be a positive number of seconds")

@@ -1,0 +1,86 @@
+"""The main job scaled down: `configs/quickstart.yaml` on the shipped base model and the bundled synthetic hospital,
+with two trials of a few steps, through the command line, then the benchmark's reading of the run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fixtures_search import write_config
+from memcontrol.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+BASE_MODEL = REPO / "data" / "base_model"
+HOSPITAL = REPO / "data" / "hospital"
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    if not (BASE_MODEL / "model_index.json").is_file():
+        pytest.skip(f"the bundled base model is missing: {BASE_MODEL / 'model_index.json'}")
+    root = tmp_path_factory.mktemp("quickstart")
+    # The preset as it ships, with only its size cut down (and absolute paths, as this file lives elsewhere).
+    config = write_config(root / "quick.yaml", {
+        "base": str(REPO / "configs" / "quickstart.yaml"),
+        "model": {"path": str(BASE_MODEL), "device": "cpu"},
+        "data": {"train": {"source": str(HOSPITAL / "private" / "manifest.csv")},
+                 "heldout": {"source": str(HOSPITAL / "heldout" / "manifest.csv")}},
+        "train": {"steps": 4, "warmup": 1},
+        "sampling": {"prompts": 3, "per_prompt": 1, "steps": 2},
+        "early_stop": {"every": 2},
+        "search": {"n_trials": 2, "workers": 1},
+    })
+    out = root / "run"
+    assert main(["search", "--config", str(config), "--out", str(out)]) == 0
+    return {"config": config, "out": out}
+
+
+def test_the_scaled_down_main_job_writes_report_front_and_table(quick_run, capsys):
+    out = quick_run["out"]
+    rows = list(csv.DictReader(open(out / "trials.csv", encoding="utf-8")))
+    assert sorted(r["label"] for r in rows if r["kind"] == "baseline") == [
+        "LoRA on all attention", "bias + norm tuning", "full fine-tuning"]
+    for r in rows:
+        if r["state"] == "complete":
+            assert float(r["fd"]) >= 0 and r["kid"] != "" and 0 <= float(r["copy_fraction"]) <= 1
+    assert (out / "pareto.csv").is_file() and (out / "pareto_front.png").is_file()
+    report = (out / "report.html").read_text()
+    assert "Pareto front" in report and "full fine-tuning" in report
+
+
+def test_the_exported_adapter_loads_in_a_fresh_diffusers_pipeline(quick_run):
+    from diffusers import StableDiffusionPipeline
+
+    best = quick_run["out"] / "best"
+    selection = json.loads((best / "selection.json").read_text())
+    assert selection["trial"] in selection["pareto_front"]
+    pipe = StableDiffusionPipeline.from_pretrained(str(BASE_MODEL), safety_checker=None,
+                                                   requires_safety_checker=False)
+    torch.manual_seed(0)
+    x, t = torch.randn(1, 4, 16, 16), torch.tensor([500])
+    text = torch.randn(1, 77, pipe.text_encoder.config.hidden_size)
+    with torch.no_grad():
+        before = pipe.unet(x, t, text).sample
+        pipe.load_lora_weights(str(best))
+        after = pipe.unet(x, t, text).sample
+    assert torch.isfinite(after).all() and not torch.allclose(before, after)
+
+
+def test_the_benchmark_scores_the_run_against_the_truth(quick_run):
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "quickstart.py"), "--config",
+                           str(quick_run["config"]), "--run", str(quick_run["out"])],
+                          capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    table = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + 3 + 1 + 1  # header, three baselines, the selected trial, the un-tuned base model
+    assert "(selected)" in table[-2] and table[-1].startswith("| base model, not fine-tuned | 0% |")
+    complete = sum(r["state"] == "complete" for r in csv.DictReader(open(quick_run["out"] / "trials.csv")))
+    for ratio in ("0.67", "0.50"):
+        assert f"detector against the truth (distance ratio {ratio}), pooled over {complete} evaluated runs" \
+            in done.stdout
