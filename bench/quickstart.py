@@ -144,12 +144,12 @@ def main(argv=None) -> int:
         if r["folder"] in scored:
             truth, detected = scored[r["folder"]]
             pr = precision_recall(detected, truth)
-            copied = len({d for d in detected if d is not None})
+            copied = f"{len({d for d in detected if d is not None})}/{n_patients}"
             truth_cols = f"{sum(t is not None for t in truth)}/{len(truth)} | {pct(pr['precision'])} | " \
                          f"{pct(pr['recall'])}"
         else:
             copied, truth_cols = "-", "- | - | -"
-        print(f"| {label} | {num(r, 'copy_fraction', '.0%')} | {copied}/{n_patients} | "
+        print(f"| {label} | {num(r, 'copy_fraction', '.0%')} | {copied} | "
               f"{num(r, 'mean_similarity', '.3f')} | {num(r, 'fd', '.3f')} | {num(r, 'kid', '.2g')} | "
               f"{num(r, 'trainable_percent', '.2f')} | {r['steps']}/{r['step_budget']} | {truth_cols} |")
     print()
