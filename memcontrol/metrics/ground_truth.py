@@ -10,9 +10,10 @@ sample is then a *true copy* of private patient ``q`` when, in pixels (L2):
 
 The second condition is there because L2 favours blur: the average of two or ten phantoms is already closer to
 some patient than any real patient is, yet it copies nobody; it sits about as far from several patients (ratio
-0.84 to 1 on phantoms), which the ratio rejects (the distance-ratio idea of Carlini et al., 2023). This truth uses neither the detector's
-features nor its threshold, so the detector (nearest neighbour in some feature space above ``tau``) can be scored
-against it with precision and recall.
+0.84 to 1 on phantoms), which the ratio rejects (the distance-ratio idea of Carlini et al., 2023).
+
+This truth uses neither the detector's features nor its threshold, so the detector (nearest neighbour in some
+feature space above ``tau``) can be scored against it with precision and recall.
 """
 
 from __future__ import annotations

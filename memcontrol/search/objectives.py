@@ -98,11 +98,14 @@ def measure(settings: SearchSettings, refs: References, samples: torch.Tensor) -
         metrics["distance_ratio_fraction"] = distance_ratio(samples, refs.train_pixels, refs.train_keys)["fraction"]
     gen_q = gen if refs.quality_embedder is refs.memorization_embedder else \
         refs.quality_embedder.embed(samples).float().cpu()
-    # Both distances are cheap next to sampling: the one not optimised is still reported (FD is biased at small
-    # sample counts, KID is not).
-    metrics["kid"], metrics["kid_std"] = kid(gen_q, refs.heldout_features, subsets=int(qual["kid_subsets"]),
-                                             subset_size=len(gen_q))
-    metrics["fd"] = frechet_distance(gen_q, refs.heldout_features)
+    # Both distances are reported whichever is the objective (FD is biased at small sample counts, KID is not); the
+    # other one only where it is defined (two samples a side), so that it never fails a trial.
+    defined = min(len(gen_q), len(refs.heldout_features)) >= 2
+    if qual["metric"] == "kid" or defined:
+        metrics["kid"], metrics["kid_std"] = kid(gen_q, refs.heldout_features, subsets=int(qual["kid_subsets"]),
+                                                 subset_size=len(gen_q))
+    if qual["metric"] == "fd" or defined:
+        metrics["fd"] = frechet_distance(gen_q, refs.heldout_features)
     metrics["memorization"] = metrics[settings.memorization_metric]
     metrics["quality"] = metrics[qual["metric"]]
     per_sample = copies["samples"]
