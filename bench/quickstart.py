@@ -40,10 +40,11 @@ def real_images(settings):
     import torch
 
     from memcontrol.search.context import load_dataset
+    from memcontrol.search.objectives import dataset_pixels
 
     def stack(spec):
         dataset = load_dataset(spec, settings.data["resolution"])
-        return torch.stack([dataset[i]["pixel_values"] for i in range(len(dataset))]), dataset.keys
+        return torch.cat(list(dataset_pixels(dataset))), dataset.keys
 
     private, keys = stack(settings.data["train"])
     heldout, _ = stack(settings.data["heldout"])
@@ -68,20 +69,22 @@ def detections(folder: Path, tau: float) -> list:
 TRUTH_RATIOS = (2 / 3, 1 / 2)
 
 
-def score_runs(run: Path, rows: list[dict], settings, images, ratio: float) -> dict:
-    """Truth and detector for every evaluated run: {folder: (truth, detected)}."""
+def score_runs(run: Path, rows: list[dict], settings, images) -> dict:
+    """Truth (at each of ``TRUTH_RATIOS``) and detector for every evaluated run, each run's samples read once:
+    {ratio: {folder: (truth, detected)}}."""
     from memcontrol.metrics.ground_truth import true_copies
 
     private, keys, heldout = images
     channels = private.shape[1]
     tau = float(settings.objectives["memorization"]["tau"])
-    scored = {}
+    scored = {ratio: {} for ratio in TRUTH_RATIOS}
     for r in rows:
         folder = run / r["folder"]
         if r["state"] != "complete" or not (folder / "neighbours.json").is_file():
             continue
-        samples = run_samples(folder)[:, :channels]
-        scored[r["folder"]] = (true_copies(samples, private, keys, heldout, ratio), detections(folder, tau))
+        samples, detected = run_samples(folder)[:, :channels], detections(folder, tau)
+        for ratio in TRUTH_RATIOS:
+            scored[ratio][r["folder"]] = (true_copies(samples, private, keys, heldout, ratio), detected)
     return scored
 
 
@@ -126,7 +129,7 @@ def main(argv=None) -> int:
     settings = load_settings(load_config(args.config), run)
     rows = load_rows(run)
     images = real_images(settings)
-    scored_by_ratio = {ratio: score_runs(run, rows, settings, images, ratio) for ratio in TRUTH_RATIOS}
+    scored_by_ratio = score_runs(run, rows, settings, images)
     scored = scored_by_ratio[TRUTH_RATIOS[0]]
     n_patients = len(set(images[1]))
 
