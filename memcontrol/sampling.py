@@ -1,11 +1,13 @@
 """Seeded image generation from a Stable Diffusion pipeline, for audits and search trials.
 
-Every sample has its own starting noise, drawn from a generator seeded with ``seed + j`` for the j-th sample of a
-prompt: the same prompt with the same seed gives the same image whatever the batch it lands in or the other
-prompts of the call.
+Every sample has its own starting noise, drawn from a generator seeded by ``noise_seed(prompt, seed, j)`` for the
+j-th sample of a prompt: the same prompt with the same seed gives the same image whatever the batch it lands in or
+the other prompts of the call, and different prompts start from independent noise.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import torch
 from tqdm.auto import tqdm
@@ -13,6 +15,14 @@ from tqdm.auto import tqdm
 from .errors import ConfigError
 
 SAMPLERS = ("ddim", "dpm")
+
+
+def noise_seed(prompt: str, seed: int, j: int) -> int:
+    """The noise seed of sample j of ``prompt``. It depends on the prompt because FD and KID assume independent
+    samples: with one seed shared by every prompt, a model that follows its prompts weakly draws nearly the same
+    image for all of them, and its sample set looks far less diverse than the model is."""
+    digest = hashlib.sha256(f"{seed + j}\0{prompt}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def sample_noise(pipe, seed: int, height: int, width: int) -> torch.Tensor:
@@ -45,7 +55,7 @@ def generate_samples(pipe, prompts: list[str], n_per_prompt: int = 1, steps: int
     if n_per_prompt < 1:
         raise ConfigError(f"n_per_prompt must be at least 1, got {n_per_prompt}")
     size = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    jobs = [(p, seed + j) for p in prompts for j in range(n_per_prompt)]
+    jobs = [(p, noise_seed(p, seed, j)) for p in prompts for j in range(n_per_prompt)]
     device = pipe.unet.device
     dtype = pipe.unet.dtype
     original = pipe.scheduler

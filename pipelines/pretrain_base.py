@@ -2,10 +2,13 @@
 
     python pipelines/pretrain_base.py --out data/base_model            # CPU: about 30 minutes on 2 cores
     python pipelines/pretrain_base.py --out data/base_model --device cuda --scale 4
+    python pipelines/pretrain_base.py --init data/base_model --out /tmp/longer --unet-steps 3000   # continue
 
 Stages: (1) the VAE learns to reconstruct the public images (L1 + a small KL term), and its latent scaling factor
 is set so latents have unit variance, as Stable Diffusion's 0.18215 does; (2) the UNet learns the noise-prediction
-objective on cached latents through memcontrol's own inner loop (every parameter unfrozen). The text encoder stays
+objective on cached latents through memcontrol's own inner loop (every parameter unfrozen). With ``--init`` an
+existing base folder is trained further: its VAE (and so its latent space) is kept and only stage 2 runs, on a
+fresh warm-up and cosine schedule. The text encoder stays
 at its seeded random initialisation, frozen, as Stable Diffusion keeps CLIP frozen: distinct reports still map to
 distinct embeddings. The public cohort uses patient seeds that the private cohorts never use
 (``memcontrol.data.cohorts``), so nothing the default job fine-tunes on was seen here.
@@ -29,7 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from memcontrol.data.cohorts import public_cohort  # noqa: E402
 from memcontrol.masks import Mask  # noqa: E402
-from memcontrol.models import save_pipeline, tiny_pipeline  # noqa: E402
+from memcontrol.models import load_pipeline, save_pipeline, tiny_pipeline  # noqa: E402
 from memcontrol.training import InMemoryDataset, TrainConfig, cache_training_data, finetune  # noqa: E402
 
 CHECKSUMS = "CHECKSUMS.sha256"
@@ -83,6 +86,8 @@ def write_checksums(folder: Path) -> Path:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=REPO / "data" / "base_model")
+    ap.add_argument("--init", type=Path, default=None,
+                    help="a base model folder to train further (its VAE is kept; only the UNet stage runs)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--patients", type=int, default=3000, help="public cohort size per modality")
     ap.add_argument("--vae-steps", type=int, default=1500)
@@ -98,12 +103,18 @@ def main(argv=None) -> int:
 
     images, captions = public_cohort(args.patients, resolution=64)
     print(f"public cohort: {len(images)} images")
-    pipe = tiny_pipeline(seed=args.seed)
-    vae_losses = train_vae(pipe.vae, images, int(args.vae_steps * args.scale), args.batch_size, 1e-3,
-                           args.device, args.seed, max_seconds=args.max_minutes * 60)
-    scale = set_latent_scale(pipe.vae.to(args.device), images.to(args.device))
-    pipe.vae.to("cpu")
-    print(f"VAE: final L1+KL {sum(vae_losses[-50:]) / 50:.4f}, latent scaling factor {scale:.4f}")
+    if args.init is not None:
+        pipe = load_pipeline(args.init, option="--init")
+        vae_losses, scale = [], float(pipe.vae.config.scaling_factor)
+        previous = args.init / "provenance.json"
+        previous = json.loads(previous.read_text()) if previous.is_file() else None
+    else:
+        pipe, previous = tiny_pipeline(seed=args.seed), None
+        vae_losses = train_vae(pipe.vae, images, int(args.vae_steps * args.scale), args.batch_size, 1e-3,
+                               args.device, args.seed, max_seconds=args.max_minutes * 60)
+        scale = set_latent_scale(pipe.vae.to(args.device), images.to(args.device))
+        pipe.vae.to("cpu")
+        print(f"VAE: final L1+KL {sum(vae_losses[-50:]) / 50:.4f}, latent scaling factor {scale:.4f}")
 
     dataset = InMemoryDataset(images, captions)
     cached = cache_training_data(pipe, dataset, cache_dir=None, device=args.device)
@@ -128,11 +139,14 @@ def main(argv=None) -> int:
     provenance = {
         "command": "python pipelines/pretrain_base.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "minutes": round(minutes, 1), "device": args.device,
-        "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
+        "device_name": (torch.cuda.get_device_name() if args.device.startswith("cuda")
+                        else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"),
         "torch": torch.__version__, "public_images": len(images), "vae_steps": len(vae_losses),
         "unet_steps": result.steps, "final_unet_loss": sum(result.losses[-50:]) / max(1, len(result.losses[-50:])),
         "latent_scaling_factor": scale,
     }
+    if previous is not None:
+        provenance["continues"] = previous
     (args.out / "provenance.json").write_text(json.dumps(provenance, indent=2))
     print(json.dumps(provenance, indent=2))
     return 0

@@ -28,3 +28,37 @@ def test_shipped_base_loads_and_samples_finite_images():
     assert torch.isfinite(out.images).all()
     # A trained model draws structure, not a flat field.
     assert out.images.std() > 0.05
+
+
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_pretrain_pipeline_runs_on_cpu_and_continues_from_its_own_output(tmp_path):
+    """The pipeline that made the shipped base, scaled down: a fresh pretraining, then ``--init`` on its output."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("pretrain_base", REPO / "pipelines" / "pretrain_base.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    main = module.main
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main(["--out", str(first), "--patients", "4", "--vae-steps", "2", "--unet-steps", "2",
+                 "--batch-size", "4"]) == 0
+    assert main(["--init", str(first), "--out", str(second), "--patients", "4", "--unet-steps", "3",
+                 "--batch-size", "4", "--seed", "1"]) == 0
+    vae = "vae/diffusion_pytorch_model.safetensors"
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    assert _sha(second / vae) == _sha(first / vae)  # the latent space is kept
+    assert _sha(second / unet) != _sha(first / unet)
+    provenance = json.loads((second / "provenance.json").read_text())
+    assert provenance["unet_steps"] == 3 and provenance["vae_steps"] == 0
+    assert provenance["continues"]["unet_steps"] == 2
+    for line in (second / "CHECKSUMS.sha256").read_text().split("\n"):
+        if line.strip():
+            digest, name = line.split("  ", 1)
+            assert _sha(second / name) == digest, name
+    assert torch.isfinite(load_pipeline(second)(["axial brain mri. no lesion."], num_inference_steps=2,
+                                                output_type="pt").images).all()

@@ -8,7 +8,7 @@ import torch
 
 from memcontrol.errors import ConfigError
 from memcontrol.metrics import noise_norm
-from memcontrol.sampling import generate_samples, sample_noise
+from memcontrol.sampling import generate_samples, noise_seed, sample_noise
 
 PROMPTS = ["pa chest radiograph", "small nodule left upper zone", "large effusion"]
 
@@ -110,6 +110,21 @@ def test_generate_samples_is_seeded_per_sample(tiny_pipe):
     assert not torch.allclose(both[2], both[3], atol=1e-3)  # different seeds, different images
     again = generate_samples(tiny_pipe, PROMPTS[:1], n_per_prompt=1, steps=3, seed=4)
     assert torch.allclose(again[0], both[0], atol=1e-5)
+    # Sample j of a prompt is sample 0 of the seed shifted by j (how samples.csv's seed column reproduces it).
+    shifted = generate_samples(tiny_pipe, PROMPTS[1:2], n_per_prompt=1, steps=3, seed=5)
+    assert torch.allclose(shifted[0], both[3], atol=1e-5)
+
+
+def test_generate_samples_gives_each_prompt_its_own_noise(tiny_pipe):
+    """FD and KID assume independent samples: the same seed must not give every prompt the same start."""
+    assert noise_seed(PROMPTS[0], 4, 1) == noise_seed(PROMPTS[0], 5, 0)
+    starts = torch.stack([sample_noise(tiny_pipe, noise_seed(p, 4, 0), 64, 64) for p in PROMPTS])
+    corr = torch.corrcoef(starts.flatten(1)).fill_diagonal_(0)
+    assert corr.abs().max() < 0.2  # independent N(0, I) draws, not one start shared by all prompts
+    # generate_samples starts prompt 1 from exactly that noise.
+    got = generate_samples(tiny_pipe, PROMPTS[:2], n_per_prompt=1, steps=3, seed=4)
+    by_hand = tiny_pipe(PROMPTS[1:2], latents=starts[1:2], num_inference_steps=3, output_type="pt").images
+    assert torch.allclose(got[1], (by_hand[0] * 2 - 1).clamp(-1, 1), atol=1e-5)
 
 
 def test_generate_samples_few_step_samplers_keep_the_pipeline_scheduler(tiny_pipe):

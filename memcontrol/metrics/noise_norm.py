@@ -52,8 +52,8 @@ def noise_norm(model, prompts, steps: int = 1, seed: int = 0, num_inference_step
 
     ``model`` is a ``StableDiffusionPipeline`` with ``prompts`` a list of strings, or a UNet (peft-wrapped or not)
     with ``prompts`` a tensor of text embeddings P x L x D, ``uncond_embeds`` the empty prompt's 1 x L x D and
-    ``scheduler`` the pipeline's scheduler (the form a training loop has at hand). Each sample j starts from the
-    noise seeded ``seed + j``, the same start ``generate_samples`` uses.
+    ``scheduler`` the pipeline's scheduler (the form a training loop has at hand). Sample j of every prompt starts
+    from the noise seeded ``seed + j``: prompts are compared on the same starts.
     """
     if steps < 1 or steps > num_inference_steps:
         raise ConfigError(f"noise norm steps must be between 1 and num_inference_steps ({num_inference_steps})")
