@@ -106,8 +106,8 @@ def main(argv=None) -> int:
     if args.init is not None:
         pipe = load_pipeline(args.init, option="--init")
         vae_losses, scale = [], float(pipe.vae.config.scaling_factor)
-        previous = args.init / "provenance.json"
-        previous = json.loads(previous.read_text()) if previous.is_file() else None
+        earlier = args.init / "provenance.json"
+        previous = json.loads(earlier.read_text()) if earlier.is_file() else None
     else:
         pipe, previous = tiny_pipeline(seed=args.seed), None
         vae_losses = train_vae(pipe.vae, images, int(args.vae_steps * args.scale), args.batch_size, 1e-3,
