@@ -52,12 +52,13 @@ def real_images(settings):
 
 
 def run_samples(folder: Path):
+    """A run's saved samples (RGB PNGs), N x 3 x H x W in [-1, 1] as the search measured them."""
     import numpy as np
     import torch
-    from PIL import Image
 
-    files = sorted((folder / "samples").glob("*.png"))
-    arrays = [np.asarray(Image.open(f).convert("RGB"), dtype=np.float32) / 127.5 - 1 for f in files]
+    from memcontrol.data.images import read_image
+
+    arrays = [read_image(f) * 2 - 1 for f in sorted((folder / "samples").glob("*.png"))]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
 

@@ -38,7 +38,7 @@ def run(args) -> int:
         raise ConfigError(f"--n-trials must be at least 1, got {args.n_trials}")
     settings = load_settings(load_config(args.config), args.out, storage=args.storage, n_trials=args.n_trials,
                              timeout=args.timeout, workers=args.workers)
-    outputs = run_search(settings, workers=settings.search["workers"])
+    outputs = run_search(settings)
     counts = outputs.results.counts()
     print(f"trials: {', '.join(f'{n} {state}' for state, n in sorted(counts.items())) or 'none'} "
           f"(budget {settings.n_trials})")

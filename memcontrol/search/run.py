@@ -191,12 +191,12 @@ def finalize(settings: SearchSettings) -> SearchOutputs:
     return SearchOutputs(results, report, best, comparison_table(results, settings))
 
 
-def run_search(settings: SearchSettings, workers: int = 1, progress: bool = True) -> SearchOutputs:
+def run_search(settings: SearchSettings, progress: bool = True) -> SearchOutputs:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     settings.out_dir.mkdir(parents=True, exist_ok=True)
     prepare_studies(settings)
     if work_left(settings):
-        run_workers(settings, workers, progress=progress)
+        run_workers(settings, settings.search["workers"], progress=progress)
     else:
         log.info("the study has used its budget (%d trials); rebuilding the outputs", settings.n_trials)
     return finalize(settings)
