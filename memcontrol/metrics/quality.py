@@ -34,13 +34,13 @@ def gaussian_stats(features) -> tuple[np.ndarray, np.ndarray]:
     return f.mean(0), np.cov(f, rowvar=False)
 
 
-def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
+def psd_sqrt(matrix: np.ndarray) -> np.ndarray:
     vals, vecs = np.linalg.eigh((matrix + matrix.T) / 2)
     return (vecs * np.sqrt(np.clip(vals, 0, None))) @ vecs.T
 
 
 def frechet_from_stats(mu1, sigma1, mu2, sigma2) -> float:
-    root1 = _psd_sqrt(sigma1)
+    root1 = psd_sqrt(sigma1)
     middle = root1 @ sigma2 @ root1
     eig = np.linalg.eigvalsh((middle + middle.T) / 2)
     trace_sqrt = np.sqrt(np.clip(eig, 0, None)).sum()
