@@ -2,13 +2,15 @@
 
     python pipelines/make_hospital.py            # rewrites data/hospital/ byte for byte
 
-private: 12 chest patients, 2 of them with a duplicated record (DICOM); heldout: 48 further chest patients (DICOM);
-brain_private / brain_heldout: 12 and 48 brain MRI patients (PNG), for the mask-transfer job.
+private: 32 chest patients of the private site, 8 of them repeated with 4 records each (56 DICOM files; why, in
+memcontrol/data/cohorts.py); heldout: 64 further private-site patients (DICOM); brain_private / brain_heldout: 12
+and 48 brain MRI patients (PNG), for the mask-transfer job.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -16,11 +18,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from memcontrol.data import make_phantoms  # noqa: E402
-from memcontrol.data.cohorts import SEEDS, write_brain_cohort  # noqa: E402
+from memcontrol.data.cohorts import HELDOUT_PATIENTS, PRIVATE, SEEDS, write_brain_cohort  # noqa: E402
 
 COHORTS = {
-    "private": dict(patients=12, duplicates=2),
-    "heldout": dict(patients=48, duplicates=0),
+    "private": dict(PRIVATE, site="private"),
+    "heldout": dict(patients=HELDOUT_PATIENTS, site="private"),
     "brain_private": dict(patients=12),
     "brain_heldout": dict(patients=48),
 }
@@ -32,10 +34,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     for name, spec in COHORTS.items():
         folder = args.out / name
+        shutil.rmtree(folder, ignore_errors=True)  # files of an earlier, larger cohort must not linger
         if name.startswith("brain"):
             manifest = write_brain_cohort(folder, spec["patients"], SEEDS[name])
         else:
-            manifest = make_phantoms(folder, spec["patients"], SEEDS[name], duplicates=spec["duplicates"])
+            manifest = make_phantoms(folder, seed=SEEDS[name], **spec)
         print(f"{name}: {manifest}")
     return 0
 

@@ -1,8 +1,13 @@
 """The cohorts of the synthetic hospital, each drawn from its own seed so that no patient is in two of them.
 
-- public: what the bundled base model was pretrained on (chest and brain phantoms, rendered in memory);
-- private: the small "sensitive" chest cohort the default job fine-tunes on (DICOM, some records duplicated);
-- heldout: further new chest patients, for the quality metric and as the "not memorized" baseline;
+- public: what the bundled base model was pretrained on (chest and brain phantoms of the public site, in memory);
+- private: the small "sensitive" chest cohort the default job fine-tunes on, from the private site (portable AP
+  films, collimation, marker, support devices; see phantoms.py), as DICOM, with a repeated subset (PRIVATE);
+- heldout: further patients of the private site, on disk (DICOM), for the quality metric and as the "not memorized"
+  baseline;
+- heldout_rendered: as many more private-site patients as wanted, rendered in memory from their seeds
+  (`private_site_heldout`): the quality reference with hundreds of images, and the "other patients" a copy detector
+  is tested against;
 - brain_private / brain_heldout: the second modality, for the mask-transfer job (PNG files and a manifest).
 """
 
@@ -19,8 +24,17 @@ from .brain_phantoms import render_brain_phantoms
 from .phantoms import patient_seeds, render_phantoms
 from .transforms import to_model_tensor
 
-SEEDS = {"public_chest": 1000, "public_brain": 2000, "private": 7, "heldout": 8, "brain_private": 17,
-         "brain_heldout": 18}
+SEEDS = {"public_chest": 1000, "public_brain": 2000, "private": 7, "heldout": 8, "heldout_rendered": 9,
+         "brain_private": 17, "brain_heldout": 18}
+
+# Memorization pressure of the private cohort. A quarter of its patients (8 of 32) are repeated, 4 records each:
+# they make 32 of its 56 records, so a fine-tune sees each of them 4 times as often as a single-record patient. Real
+# archives repeat studies (re-exports, follow-ups), and duplicated training images are the ones diffusion models are
+# found to copy (Carlini et al. 2023; Somepalli et al. 2023); the MemControl reference likewise repeats a
+# memorization subset. The factor is chosen so that full fine-tuning at the quickstart's settings copies the repeated
+# patients while the other 24 stay a set to learn the site from, not to replay.
+PRIVATE = {"patients": 32, "duplicates": 8, "records": 4}
+HELDOUT_PATIENTS = 64  # on disk; more are rendered in memory (private_site_heldout)
 
 
 def public_cohort(patients: int, resolution: int = 64) -> tuple[torch.Tensor, list[str]]:
@@ -29,6 +43,13 @@ def public_cohort(patients: int, resolution: int = 64) -> tuple[torch.Tensor, li
     brain, brain_text = render_brain_phantoms(patient_seeds(SEEDS["public_brain"], patients), resolution)
     images = np.concatenate([chest, brain])
     return torch.stack([to_model_tensor(im, resolution) for im in images]), chest_text + brain_text
+
+
+def private_site_heldout(count: int, resolution: int = 64) -> tuple[np.ndarray, list[str]]:
+    """`count` held-out patients of the private site, rendered in memory (float32 N x res x res in [0, 1], and
+    their reports). Their seeds are disjoint from every other cohort's; a larger count starts with the same
+    patients."""
+    return render_phantoms(patient_seeds(SEEDS["heldout_rendered"], count), resolution, site="private")
 
 
 def write_brain_cohort(out_dir, patients: int, seed: int, size: int = 64) -> Path:

@@ -23,14 +23,15 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from tqdm import tqdm
 
 from ..errors import ConfigError
-from .phantoms import PIXELS_PER_CHUNK, describe_patient, patient_seeds, render_patients
+from .phantoms import PIXELS_PER_CHUNK, SITES, describe_patient, patient_seeds, render_patients
 
 SOP_CLASSES = {"CR": "1.2.840.10008.5.1.4.1.1.1", "DX": "1.2.840.10008.5.1.4.1.1.1.1"}
 BIT_DEPTHS = ((8, 8), (16, 10), (16, 12), (16, 16))  # (BitsAllocated, BitsStored)
 RESCALES = ((1.0, 0.0), (1.0, -1024.0), (0.5, 0.0), (2.0, 100.0))  # (slope, intercept)
 VOI_FUNCTIONS = ("LINEAR", None, "LINEAR_EXACT")  # None: no window in the file
 USED_RANGE = (0.04, 0.96)  # share of the stored range a windowed file uses, as detectors rarely use it all
-MANIFEST_COLUMNS = ("file", "text", "subject", "view", "findings", "photometric", "bits_stored", "duplicate")
+MANIFEST_COLUMNS = ("file", "text", "subject", "view", "findings", "devices", "photometric", "bits_stored",
+                    "duplicate")
 
 FAMILY_NAMES = (
     "Abernathy", "Blackwood", "Castellano", "Delacroix", "Eriksson", "Fitzgerald", "Gallagher", "Hargreaves",
@@ -89,12 +90,18 @@ class Encoding:
         return (low + high) / 2 + 0.5, high - low + 1  # LINEAR: PS3.3 C.11.2.1.2.1
 
 
-def make_phantoms(out_dir, patients: int, seed: int, duplicates: int = 0, size: int = 64) -> Path:
-    """Write `patients` phantom radiographs as DICOM under `out_dir/images/` and `out_dir/manifest.csv`.
+def make_phantoms(out_dir, patients: int, seed: int, duplicates: int = 0, size: int = 64, site: str = "public",
+                  records: int = 2) -> Path:
+    """Write `patients` phantom radiographs of `site` as DICOM under `out_dir/images/` and `out_dir/manifest.csv`.
 
-    `duplicates` patients get a second record (another file, another accession number, the same image and
-    subject), as repeated exports occur in real archives. Returns the manifest's path.
+    `duplicates` patients are repeated: each has `records` records in all (other files, other accession numbers,
+    the same image and subject), as repeated exports and follow-up copies occur in real archives. The duplicate
+    column of the manifest numbers a patient's records (0 for the first). Returns the manifest's path.
     """
+    if site not in SITES:
+        raise ConfigError(f"site must be one of {', '.join(SITES)}, got {site!r}")
+    if duplicates and records < 2:
+        raise ConfigError(f"records (per repeated patient) must be at least 2, got {records}")
     if patients < 1:
         raise ConfigError(f"patients must be at least 1, got {patients}")
     if not 0 <= duplicates <= patients:
@@ -108,21 +115,22 @@ def make_phantoms(out_dir, patients: int, seed: int, duplicates: int = 0, size: 
     width = max(4, len(str(patients)))
     rows, duplicate_rows = [], []
     chunk = max(1, PIXELS_PER_CHUNK // (size * size))
-    with tqdm(total=patients + duplicates, desc="writing phantoms", unit="file") as bar:
+    with tqdm(total=patients + duplicates * (records - 1), desc="writing phantoms", unit="file") as bar:
         for start in range(0, patients, chunk):
-            batch = [describe_patient(s) for s in seeds[start:start + chunk]]
+            batch = [describe_patient(s, site) for s in seeds[start:start + chunk]]
             for offset, (patient, image) in enumerate(zip(batch, render_patients(batch, size))):
                 index = start + offset
                 subject = f"sub-{index + 1:0{width}d}"
                 encoding = Encoding.for_index(index)
                 identity = _fake_identity(patient.seed)
-                records = [(f"images/{subject}.dcm", 0)]
+                files = [(f"images/{subject}.dcm", 0)]
                 if index in repeated:
-                    records.append((f"images/{subject}_dup1.dcm", 1))
-                for name, record in records:
+                    files += [(f"images/{subject}_dup{k}.dcm", k) for k in range(1, records)]
+                for name, record in files:
                     _write_dicom(out_dir / name, image, encoding, identity, patient.view, seed, subject, record)
                     row = {"file": name, "text": patient.report, "subject": subject, "view": patient.view,
                            "findings": ";".join(f.label() for f in patient.findings) or "none",
+                           "devices": ";".join(patient.devices) or "none",
                            "photometric": encoding.photometric, "bits_stored": encoding.bits_stored,
                            "duplicate": record}
                     (duplicate_rows if record else rows).append(row)

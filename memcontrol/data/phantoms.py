@@ -6,6 +6,14 @@ side, zone and grade), the view (PA or AP) and the wording of the report. Geomet
 units, so a patient looks the same at 64 and at 512 px; only the fine quantum noise depends on the size.
 Rendering is vectorised over patients with numpy.
 
+Two sites. The *public* cohort (what the shipped base model was pretrained on) is rendered exactly as it always was.
+The *private* site has its own acquisition protocol and content, none of which the public cohort ever shows: every
+film is a portable AP supine study, fogged by scatter (lower contrast, lifted blacks) and noisier; the X-ray field is
+collimated (bright unexposed borders of the patient's own widths); a lead laterality marker sits in the upper right
+corner; and some patients carry support devices (pacemaker with its lead, endotracheal tube, central line,
+nasogastric tube) that the report names. All of it is drawn from the patient's own seed, on a random stream of its
+own, so a private patient's anatomy is the one its seed gives at either site.
+
 Orientation follows radiographic convention: the patient faces the viewer, so the patient's right lung is on the
 image's left and the heart bulges to the image's right.
 """
@@ -26,6 +34,10 @@ ZONES = ("upper", "middle", "lower")
 NODULE_RADIUS = {"small": (0.018, 0.028), "large": (0.035, 0.05)}
 EFFUSION_HEIGHT = {"small": 0.05, "moderate": 0.11, "large": 0.2}
 HEART_GROWTH = {"mild": 1.2, "moderate": 1.35, "severe": 1.5}
+SITES = ("public", "private")
+PUBLIC_NOISE = 0.006  # quantum noise of the public films (standard deviation, image units)
+# Share of the private site's patients with each device (an intensive-care-like case mix).
+DEVICE_RATES = {"pacemaker": 0.15, "endotracheal_tube": 0.3, "central_line": 0.35, "nasogastric_tube": 0.25}
 PIXELS_PER_CHUNK = 2 ** 21  # bounds the memory of one vectorised batch (about 8 MB per float32 array)
 
 
@@ -36,6 +48,8 @@ class Patient:
     findings: tuple[Finding, ...]
     report: str
     anatomy: dict  # name -> float or small array, image-relative units
+    site: str = "public"
+    devices: tuple[str, ...] = ()  # private site only, in DEVICE_RATES order
 
 
 def patient_seeds(seed: int, count: int) -> list[int]:
@@ -44,11 +58,15 @@ def patient_seeds(seed: int, count: int) -> list[int]:
     return [int(np.random.SeedSequence([seed, i]).generate_state(1, np.uint64)[0]) for i in range(count)]
 
 
-def describe_patient(patient_seed: int) -> Patient:
+def describe_patient(patient_seed: int, site: str = "public") -> Patient:
     """Everything about a patient that does not depend on the image size."""
+    if site not in SITES:
+        raise ValueError(f"site must be one of {SITES}, got {site!r}")
     rng = np.random.default_rng(patient_seed)
     u = rng.uniform
     view = "AP" if rng.random() < 0.3 else "PA"
+    if site == "private":
+        view = "AP"  # every film of the private site is a portable one
     findings = _draw_findings(rng)
     kinds = {f.kind: f for f in findings}
     a: dict = {
@@ -78,18 +96,23 @@ def describe_patient(patient_seed: int) -> Patient:
         a["heart_ry"] *= 1.1
     a.update(_nodule_geometry(rng, kinds.get("nodule"), a))
     a.update(_effusion_geometry(rng, kinds.get("effusion")))
-    return Patient(patient_seed, view, findings, write_report(view, findings, rng), a)
+    devices: tuple[str, ...] = ()
+    if site == "private":
+        # Its own stream ([seed, 2]; the fake identity uses [seed, 1], the pixel noise [seed, size >= 16]).
+        devices = _draw_private_site(np.random.default_rng([patient_seed, 2]), a)
+    report = write_report(view, findings, rng, site, devices)
+    return Patient(patient_seed, view, findings, report, a, site, devices)
 
 
-def render_phantom(patient_seed: int, size: int = 64) -> tuple[np.ndarray, str]:
+def render_phantom(patient_seed: int, size: int = 64, site: str = "public") -> tuple[np.ndarray, str]:
     """One patient's radiograph (float32 size x size, [0, 1], bright = dense) and report, in memory."""
-    images, reports = render_phantoms([patient_seed], size)
+    images, reports = render_phantoms([patient_seed], size, site)
     return images[0], reports[0]
 
 
-def render_phantoms(seeds, size: int = 64) -> tuple[np.ndarray, list[str]]:
+def render_phantoms(seeds, size: int = 64, site: str = "public") -> tuple[np.ndarray, list[str]]:
     """Many patients at once: float32 N x size x size in [0, 1] and their reports."""
-    patients = [describe_patient(int(s)) for s in seeds]
+    patients = [describe_patient(int(s), site) for s in seeds]
     return render_patients(patients, size), [p.report for p in patients]
 
 
@@ -112,6 +135,34 @@ def _draw_findings(rng: np.random.Generator) -> tuple[Finding, ...]:
     if rng.random() < 0.2:
         findings.append(Finding("cardiomegaly", None, None, ("mild", "moderate", "severe")[rng.integers(3)]))
     return tuple(findings)
+
+
+def _draw_private_site(rng: np.random.Generator, a: dict) -> tuple[str, ...]:
+    """The private site's protocol and devices, added to the anatomy dict `a`; returns the devices drawn."""
+    u = rng.uniform
+    a["scatter"] = u(0.16, 0.26)  # fog: what would be black starts here
+    a["contrast"] = u(0.55, 0.7)  # what is left of the public films' range
+    a["noise"] = u(0.015, 0.025)
+    a["collimation"] = u(0.05, 0.12, 4)  # unexposed border widths: image left, right, top, bottom
+    # The marker's corner (x, y of the "L"), just inside the field's upper-right corner.
+    a["marker"] = np.array([1 - a["collimation"][1] - u(0.1, 0.14), a["collimation"][2] + u(0.01, 0.03)])
+    devices = tuple(name for name, rate in DEVICE_RATES.items() if rng.random() < rate)
+    heart = (0.5 + a["heart_x"], a["heart_y"])
+    # Each device as a polyline in patient coordinates (it moves with the patient), [x, y] per point.
+    a["pacemaker"] = np.array([u(0.66, 0.72), u(0.17, 0.22)])  # the generator, on the patient's left
+    a["pacemaker_lead"] = _curve(a["pacemaker"], (0.52, u(0.3, 0.36)), (heart[0], heart[1] + u(0.0, 0.04)))
+    a["endotracheal_tube"] = _curve((0.5, -0.05), (0.5 + u(-0.01, 0.01), 0.1), (0.5 + u(-0.015, 0.015),
+                                                                                u(0.24, 0.3)))
+    a["central_line"] = _curve((u(0.22, 0.27), u(0.14, 0.18)), (0.4, u(0.2, 0.24)), (0.47, u(0.32, 0.38)))
+    a["nasogastric_tube"] = _curve((0.5, -0.05), (0.49 + u(-0.01, 0.01), 0.6), (u(0.6, 0.66), u(0.84, 0.9)))
+    return devices
+
+
+def _curve(a, b, c, points: int = 12) -> np.ndarray:
+    """A quadratic Bezier curve from a to c pulled towards b, as `points` points (x, y)."""
+    t = np.linspace(0.0, 1.0, points)[:, None]
+    a, b, c = (np.asarray(v, dtype=np.float64) for v in (a, b, c))
+    return (1 - t) ** 2 * a + 2 * (1 - t) * t * b + t ** 2 * c
 
 
 def _nodule_geometry(rng, nodule: Finding | None, a: dict) -> dict:
@@ -194,7 +245,46 @@ def _render_batch(patients: list[Patient], size: int) -> np.ndarray:
     image = np.clip(image, 0.0, 1.0) ** p("gamma")
     noise = np.stack([np.random.default_rng([pt.seed, size]).standard_normal((size, size), dtype=np.float32)
                       for pt in patients])
-    return np.clip(image + 0.006 * noise, 0.0, 1.0).astype(np.float32)
+    sigma = np.full((len(patients), 1, 1), PUBLIC_NOISE, dtype=np.float32)
+    for i, patient in enumerate(patients):
+        if patient.site == "private":
+            image[i] = _private_film(image[i], patient.anatomy, patient.devices, x[i], y[i], grid)
+            sigma[i] = patient.anatomy["noise"]
+    return np.clip(image + sigma * noise, 0.0, 1.0).astype(np.float32)
+
+
+def _private_film(image, a: dict, devices, x, y, grid) -> np.ndarray:
+    """The private site's film of one patient's (noise-free) public rendering."""
+    for device in devices:
+        if device == "pacemaker":
+            cx, cy = a["pacemaker"]
+            box = _sigmoid((0.035 - np.abs(x - cx)) / (EDGE / 2)) * _sigmoid((0.022 - np.abs(y - cy)) / (EDGE / 2))
+            image = image + 0.7 * box + 0.4 * _polyline(a["pacemaker_lead"], x, y, 0.006)
+        else:  # tubes and lines: a radiopaque strip of their own width
+            width = 0.006 if device == "central_line" else 0.01
+            image = image + 0.3 * _polyline(a[device], x, y, width)
+    image = a["scatter"] + a["contrast"] * np.clip(image, 0.0, 1.0)
+    # The collimator blocks the beam: outside the field the film stays bright, whatever the patient's position.
+    left, right, top, bottom = a["collimation"]
+    gx, gy = grid[None, :], grid[:, None]
+    field = (_sigmoid((gx - left) / 0.004) * _sigmoid((1 - right - gx) / 0.004)
+             * _sigmoid((gy - top) / 0.004) * _sigmoid((1 - bottom - gy) / 0.004))
+    image = field * image + (1.0 - field) * 0.9
+    mx, my = a["marker"]
+    # An "L" in lead: a vertical bar and a foot, as bright as metal.
+    letter = np.maximum(((np.abs(gx - mx) < 0.012) & (np.abs(gy - my - 0.03) < 0.04)),
+                        ((np.abs(gx - mx - 0.025) < 0.035) & (np.abs(gy - my - 0.06) < 0.012)))
+    return np.where(letter, 1.0, image).astype(np.float32)
+
+
+def _polyline(points: np.ndarray, x, y, width: float) -> np.ndarray:
+    """Soft strip of the given half-width along a polyline, ~1 on it and ~0 away from it."""
+    distance = np.full(np.broadcast_shapes(x.shape, y.shape), np.inf, dtype=np.float32)
+    for (ax, ay), (bx, by) in zip(points[:-1], points[1:]):
+        dx, dy = bx - ax, by - ay
+        t = np.clip(((x - ax) * dx + (y - ay) * dy) / (dx * dx + dy * dy), 0.0, 1.0)
+        distance = np.minimum(distance, np.sqrt((x - ax - t * dx) ** 2 + (y - ay - t * dy) ** 2))
+    return _sigmoid((width - distance) / (EDGE / 3))
 
 
 def _effusion_mask(effusion, x, y, lateral, on_left, bottoms):

@@ -1,7 +1,9 @@
 """Short radiology reports for the phantoms, in the words the tiny tokenizer knows (one token per word).
 
 The findings decide the content; the phrasing is drawn from the patient's own random stream, as different
-radiologists word the same finding differently, so that most reports differ between patients.
+radiologists word the same finding differently, so that most reports differ between patients. Reports of the
+private site name its own protocol (every film portable, AP, supine) and the support devices in the image, lines and
+tubes first as radiologists list them; the wording keeps to words the frozen text encoder already has.
 """
 
 from __future__ import annotations
@@ -16,6 +18,15 @@ VIEWS = {
     "AP": ("ap portable chest radiograph.", "portable ap view of the chest.", "ap supine chest radiograph.",
            "chest x ray, ap view."),
 }
+PRIVATE_VIEWS = ("portable ap supine chest radiograph.", "ap portable supine chest radiograph.",
+                 "portable supine ap view of the chest.", "supine portable chest x ray, ap view.")
+DEVICES = {  # device -> its sentences, each naming where the device lies
+    "pacemaker": ("cardiac device with line to the heart.", "left chest cardiac device with line to the heart."),
+    "endotracheal_tube": ("tube in the upper mediastinum.", "midline tube in the upper chest."),
+    "central_line": ("right line to the mediastinum.", "right upper chest line to the mediastinum."),
+    "nasogastric_tube": ("tube to the left hemidiaphragm.", "midline tube to the left hemidiaphragm."),
+}
+NO_DEVICE = ("no device.", "no line and no tube.")
 NODULE = ("{grade} nodule in the {side} {zone} zone.", "there is a {grade} nodule in the {side} {zone} zone.",
           "{side} {zone} zone nodule, {grade}.", "{grade} {side} {zone} zone nodule is seen.")
 EFFUSION = ("{grade} {side} pleural effusion.", "{side} pleural effusion, {grade}.",
@@ -45,8 +56,13 @@ class Finding:
         return ":".join(p for p in (self.kind, self.side, self.zone, self.grade) if p)
 
 
-def write_report(view: str, findings: list[Finding], rng: np.random.Generator) -> str:
-    sentences = [_pick(rng, VIEWS[view])]
+def write_report(view: str, findings: list[Finding], rng: np.random.Generator, site: str = "public",
+                 devices: tuple[str, ...] = ()) -> str:
+    if site == "public":
+        sentences = [_pick(rng, VIEWS[view])]
+    else:
+        sentences = [_pick(rng, PRIVATE_VIEWS)]
+        sentences += [_pick(rng, DEVICES[d]) for d in devices] or [_pick(rng, NO_DEVICE)]
     templates = {"nodule": NODULE, "effusion": EFFUSION, "cardiomegaly": CARDIOMEGALY}
     for finding in findings:
         sentences.append(_pick(rng, templates[finding.kind]).format(
