@@ -162,3 +162,18 @@ def test_shipped_cohorts_are_the_stated_ones_and_what_the_pipeline_writes(tmp_pa
     heldout = read_manifest(shipped / "heldout" / "manifest.csv")
     assert len(heldout) == HELDOUT_PATIENTS and {r["duplicate"] for r in heldout} == {"0"}
     assert all(r["text"].startswith(PRIVATE_VIEWS) and r["view"] == "AP" for r in private + heldout)
+
+
+def test_make_phantoms_command_writes_the_private_site(tmp_path, capsys):
+    from memcontrol.cli import main
+
+    out = tmp_path / "site"
+    assert main(["make-phantoms", "--out", str(out), "--patients", "3", "--seed", "5", "--site", "private",
+                 "--duplicates", "1", "--records", "3"]) == 0
+    assert "wrote 3 patients + 2 duplicate records of the private site" in capsys.readouterr().out
+    rows = read_manifest(out / "manifest.csv")
+    seeds = patient_seeds(5, 3)
+    assert len(rows) == 5
+    for row in rows[:3]:
+        patient = describe_patient(seeds[int(row["subject"][4:]) - 1], "private")
+        assert row["text"] == patient.report and row["devices"] == (";".join(patient.devices) or "none")
