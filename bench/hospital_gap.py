@@ -38,59 +38,10 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from memcontrol.metrics.intervals import bootstrap_indices, interval, paired, wilson  # noqa: E402
+from memcontrol.metrics.intervals import resampled_frechet as fd_statistic  # noqa: E402
+from memcontrol.metrics.intervals import resampled_mmd2 as mmd_statistic  # noqa: E402
 from memcontrol.metrics.quality import gaussian_stats  # noqa: E402
-
-try:
-    from memcontrol.metrics.intervals import bootstrap_indices, interval, paired, wilson  # noqa: E402
-    from memcontrol.metrics.intervals import resampled_frechet as fd_statistic  # noqa: E402
-    from memcontrol.metrics.intervals import resampled_mmd2 as mmd_statistic  # noqa: E402
-except ImportError:  # TEMPORARY, until memcontrol/metrics/intervals.py (issue 11, part STATS) is on main
-    from collections import namedtuple
-
-    from scipy.stats import norm
-
-    from memcontrol.metrics.quality import frechet_from_stats, gaussian_stats
-
-    Interval = namedtuple("Interval", "value low high")
-    Interval.__str__ = lambda self: f"{self.value:.4g} [{self.low:.4g}, {self.high:.4g}]"
-
-    def bootstrap_indices(n, resamples=1000, seed=0):
-        return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
-
-    def interval(statistic, indices):
-        return Interval(float(statistic(np.arange(indices.shape[1])[None])[0]),
-                        *np.nanpercentile(statistic(indices), [2.5, 97.5]))
-
-    def paired(statistic_a, statistic_b, indices, combine=np.subtract):
-        return interval(lambda idx: combine(statistic_a(idx), statistic_b(idx)), indices)
-
-    def wilson(k, n):
-        z, p = norm.ppf(0.975), k / n
-        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-        half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-        return Interval(p, max(0.0, centre - half), min(1.0, centre + half))
-
-    def fd_statistic(features, reference_stats):
-        return lambda idx: np.array([frechet_from_stats(*gaussian_stats(features[i]), *reference_stats)
-                                     for i in idx])
-
-    def mmd_statistic(features, reference):
-        """Unbiased MMD^2, cubic kernel, sets of any sizes (a resample's repeated rows count as pairs)."""
-        d = features.shape[1]
-        kernel = lambda a, b: (a @ b.T / d + 1) ** 3  # noqa: E731
-        k_yy = kernel(reference, reference)
-        within_y = (k_yy.sum() - np.trace(k_yy)) / (len(reference) * (len(reference) - 1))
-
-        def statistic(idx):
-            out = []
-            for i in idx:
-                x = features[i]
-                k_xx = kernel(x, x)
-                out.append((k_xx.sum() - np.trace(k_xx)) / (len(x) * (len(x) - 1)) + within_y
-                           - 2 * kernel(x, reference).mean())
-            return np.array(out)
-
-        return statistic
 
 
 def as_model_images(gray: np.ndarray) -> torch.Tensor:
@@ -188,13 +139,13 @@ def main(argv=None) -> int:
     for name, features in rows.items():
         fd_ci = interval(fd[name], indices)
         kid_ci = interval(mmd_statistic(features, reference), indices)
-        figures["rows"][name] = {"fd": list(map(float, fd_ci)), "kid": list(map(float, kid_ci))}
+        figures["rows"][name] = {**fd_ci.fields("fd"), **kid_ci.fields("kid")}
         print(f"{name:38s} {str(fd_ci):>28s} {str(kid_ci):>34s}")
     base, tuned_name, floor = "base model", "full fine-tune", "real private-site patients (floor)"
     gap = paired(fd[base], fd[tuned_name], indices)
     closed = paired(lambda i: fd[base](i) - fd[tuned_name](i), lambda i: fd[base](i) - fd[floor](i), indices,
                     combine=np.divide)
-    figures["fd_gain"], figures["gap_closed"] = list(map(float, gap)), list(map(float, closed))
+    figures.update(gap.fields("fd_gain"), closed.fields("gap_closed"))
     print(f"FD base - fine-tuned: {gap}; share of the gap to the floor closed by full fine-tuning: {closed}")
 
     # Memorization, with the quickstart's own detector: VAE features (cosine), nearest private patient, tau.
@@ -229,7 +180,8 @@ def main(argv=None) -> int:
                             for k, nn, sim in zip(prompt_key, found["nn_key"], found["similarity"])])
             parts = {"all": own, "repeated": own[repeated], "single-record": own[~repeated]}
             cis = {part: wilson(int(flags.sum()), len(flags)) for part, flags in parts.items()}
-            figures["memorization"][f"{name}, {label}"] = {part: list(map(float, ci)) for part, ci in cis.items()}
+            figures["memorization"][f"{name}, {label}"] = {k: v for part, ci in cis.items()
+                                                           for k, v in ci.fields(part).items()}
             print(f"{name:16s} {label:22s} " + "; ".join(f"{part}: {ci} (n={len(parts[part])})"
                                                          for part, ci in cis.items()))
     figures["seconds"] = time.perf_counter() - started
