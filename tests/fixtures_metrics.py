@@ -196,3 +196,17 @@ def memorized_pipe(memorized_world):
     from memcontrol.models import load_pipeline
 
     return load_pipeline(memorized_world.pipe_dir)
+
+
+def random_inception(num_classes: int, aux_logits: bool, seed: int = 0):
+    """An Inception-v3 of torchvision's module tree with random He-initialised convolutions: activations stay of
+    order 1 through its ~100 layers, where PyTorch's default initialisation shrinks them to ~1e-7 by the pool (and
+    every comparison of features would pass trivially)."""
+    from torchvision.models import inception_v3
+
+    torch.manual_seed(seed)
+    net = inception_v3(weights=None, aux_logits=aux_logits, init_weights=False, num_classes=num_classes)
+    for module in net.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+    return net

@@ -1,11 +1,12 @@
 """Embedders: every kind loads from a local file (tiny random models written by the tests, nothing downloaded),
-returns unit-norm rows equal to the reference model's own output, and a missing file is a clear error."""
+returns the reference model's own output unchanged (no normalisation), and a missing file is a clear error."""
 
 import json
 
 import pytest
 import torch
 import torch.nn.functional as F
+from fixtures_metrics import random_inception
 from safetensors.torch import save_file
 
 from memcontrol.errors import ConfigError, MissingWeightsError
@@ -18,24 +19,20 @@ def images():
     return torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
 
 
-def _unit_rows(feats):
-    return torch.allclose(feats.norm(dim=1), torch.ones(len(feats)), atol=1e-5)
-
-
 def test_pixels(images):
     full = build_embedder({"type": "pixels"}).embed(images)
     small = build_embedder({"type": "pixels", "size": 8}).embed(images)
     assert full.shape == (5, 3 * 32 * 32) and small.shape == (5, 3 * 8 * 8)
-    assert _unit_rows(full) and _unit_rows(small)
-    assert torch.allclose(full, F.normalize(images.flatten(1), dim=1))
-    assert torch.allclose(small, F.normalize(F.avg_pool2d(images, 4).flatten(1), dim=1), atol=1e-6)
+    # The features are the pixels themselves: FD and KID must see them as they are, not as unit vectors.
+    assert torch.equal(full, images.flatten(1))
+    assert torch.allclose(small, F.avg_pool2d(images, 4).flatten(1), atol=1e-6)  # area vs. average pool, float32
 
 
 def test_vae_is_the_models_latent_mean(tiny_pipe):
     x = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
     emb = build_embedder({"type": "vae", "batch_size": 2}, pipe=tiny_pipe)
     with torch.no_grad():
-        expected = F.normalize(tiny_pipe.vae.encode(x).latent_dist.mean.flatten(1), dim=1)
+        expected = tiny_pipe.vae.encode(x).latent_dist.mean.flatten(1)
     assert emb.name == "vae" and torch.allclose(emb.embed(x), expected, atol=1e-5)
     with pytest.raises(ConfigError, match="pipeline"):
         build_embedder({"type": "vae"})
@@ -58,7 +55,7 @@ def test_open_clip_from_a_local_checkpoint(tmp_path, images):
                           "config": str(config_path)})
     cfg = model.visual.preprocess_cfg
     with torch.no_grad():
-        expected = F.normalize(model.eval().encode_image(resize_normalise(images, 32, cfg["mean"], cfg["std"])), dim=1)
+        expected = model.eval().encode_image(resize_normalise(images, 32, cfg["mean"], cfg["std"]))
     feats = emb.embed(images)
     assert emb.name == "open_clip:tiny-test-clip" and feats.shape == (5, 16)
     assert torch.allclose(feats, expected, atol=1e-5)
@@ -80,7 +77,7 @@ def test_transformers_vision_model_from_a_folder(tmp_path, images):
     with torch.no_grad():
         cls = model.eval()(pixel_values=resize_normalise(images, 24, mean, std)).last_hidden_state[:, 0]
     assert emb.name == "transformers:tiny-dino"
-    assert torch.allclose(emb.embed(images), F.normalize(cls, dim=1), atol=1e-5)
+    assert torch.allclose(emb.embed(images), cls, atol=1e-5)
 
 
 class TinyNet(torch.nn.Module):
@@ -101,7 +98,7 @@ def test_torchscript_file(tmp_path, images):
     from memcontrol.metrics.embedders import IMAGENET_MEAN, IMAGENET_STD
 
     with torch.no_grad():
-        expected = F.normalize(net(resize_normalise(images, 16, IMAGENET_MEAN, IMAGENET_STD)), dim=1)
+        expected = net(resize_normalise(images, 16, IMAGENET_MEAN, IMAGENET_STD))
     assert emb.name == "torchscript:sscd_tiny.torchscript"
     assert torch.allclose(emb.embed(images), expected, atol=1e-5)
 
@@ -110,12 +107,9 @@ def test_torchscript_file(tmp_path, images):
 def inception_files(tmp_path_factory):
     """Random Inception-v3 weights in both layouts: torchvision's (1000 classes, with the auxiliary head) and
     pytorch-fid's FID-Inception (torchvision's names, 1008 classes, no auxiliary head)."""
-    from torchvision.models import inception_v3
-
     folder = tmp_path_factory.mktemp("inception")
-    torch.manual_seed(0)
-    tv = inception_v3(weights=None, aux_logits=True, init_weights=False)
-    fid = inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=1008)
+    tv = random_inception(num_classes=1000, aux_logits=True)
+    fid = random_inception(num_classes=1008, aux_logits=False, seed=1)
     paths = {}
     for name, net in (("torchvision", tv), ("pytorch-fid", fid)):
         paths[name] = folder / f"{name}.safetensors"
@@ -130,7 +124,7 @@ def test_inception_layouts(inception_files):
     assert (tv.name, fd_name(tv.name)) == ("inception-torchvision", "FD[inception-torchvision]")
     assert (fid.name, fd_name(fid.name)) == ("inception", "FID")
     f_tv, f_fid = tv.embed(x), fid.embed(x)
-    assert f_tv.shape == (2, 2048) and f_fid.shape == (2, 2048) and _unit_rows(f_fid)
+    assert f_tv.shape == (2, 2048) and f_fid.shape == (2, 2048)
     # The pytorch-fid network pools like the TensorFlow original: the same weights run through torchvision's
     # blocks give other features.
     forced = build_embedder({"type": "inception", "weights": str(inception_files["pytorch-fid"]),
@@ -146,7 +140,7 @@ def test_inception_layouts(inception_files):
     net.load_state_dict(load_state_dict(inception_files["torchvision"]))
     with torch.no_grad():
         ref = InceptionPool(net.eval())(F.interpolate(x, size=(299, 299), mode="bicubic", antialias=True))
-    assert torch.allclose(f_tv, F.normalize(ref, dim=1), atol=1e-4)
+    assert torch.allclose(f_tv, ref, atol=1e-4)
 
 
 @pytest.mark.parametrize("spec,option", [

@@ -60,3 +60,16 @@ def test_bad_metric_and_empty_references_are_refused():
         nearest_neighbours(_unit(2, 4, 0), _unit(2, 4, 1), metric="dot")
     with pytest.raises(ValueError, match="no reference"):
         nearest_neighbours(_unit(2, 4, 0), torch.zeros(0, 4))
+
+
+def test_cosine_normalises_features_of_any_length():
+    # Embedders return features as the network gives them; the cosine search normalises them itself. A reference
+    # scaled by any factor is still a perfect match, and the scores are those of the normalised rows.
+    g = torch.Generator().manual_seed(7)
+    refs = torch.randn(50, 12, generator=g) * torch.rand(50, 1, generator=g) * 10
+    queries = torch.cat([refs[[3]] * 0.01, torch.randn(4, 12, generator=g) * 5])
+    sims, idx = nearest_neighbours(queries, refs, k=3, chunk_size=16)
+    expected = torch.topk(F.normalize(queries, dim=1) @ F.normalize(refs, dim=1).T, 3, dim=1)
+    assert torch.equal(idx, expected.indices)
+    assert torch.allclose(sims, expected.values, atol=1e-6)  # float32 products of unit vectors
+    assert idx[0, 0].item() == 3 and sims[0, 0].item() == pytest.approx(1.0, abs=1e-6)

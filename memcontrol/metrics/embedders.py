@@ -1,8 +1,9 @@
-"""Image embedders: images in, L2-normalised feature rows out.
+"""Image embedders: images in, feature rows out, as the network gives them.
 
 Every embedder takes float images N x 3 x H x W in [-1, 1] (Stable Diffusion's convention), runs in batches with a
-progress bar, and returns an N x D float32 matrix whose rows have unit L2 norm, so that an inner product is a cosine
-similarity. Weights always come from local files: a missing file is a ``MissingWeightsError`` naming the file and the
+progress bar, and returns an N x D float32 matrix of the network's features, not normalised: the Fréchet distance
+and KID must see the features themselves (normalising rows changes what they measure), and cosine similarity
+normalises where it is taken (``nearest_neighbours``). Weights always come from local files: a missing file is a ``MissingWeightsError`` naming the file and the
 option to pass; nothing is downloaded.
 
 Kinds (the ``type`` of a spec given to ``build_embedder``):
@@ -45,13 +46,18 @@ def as_rgb(images: torch.Tensor) -> torch.Tensor:
     return images
 
 
-def resize_normalise(images: torch.Tensor, size: int | tuple[int, int] | None, mean, std) -> torch.Tensor:
-    """[-1, 1] images -> resized, then standardised with a model's own mean and std (given for [0, 1] pixels)."""
+def resize_normalise(images: torch.Tensor, size: int | tuple[int, int] | None, mean, std,
+                     interpolation: str = "bicubic") -> torch.Tensor:
+    """[-1, 1] images -> resized, then standardised with a model's own mean and std (given for [0, 1] pixels).
+
+    ``bicubic`` is antialiased (no aliasing when shrinking); ``bilinear`` is plain bilinear, ``align_corners=False``
+    and no antialiasing: pytorch-fid's resize, which FID must reproduce to match published numbers."""
     x = (as_rgb(images) + 1) / 2
     if size is not None:
         size = (size, size) if isinstance(size, int) else tuple(size)
         if tuple(x.shape[-2:]) != size:
-            x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
+            x = F.interpolate(x, size=size, mode=interpolation, align_corners=False,
+                              antialias=interpolation == "bicubic")
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     return (x - m) / s
@@ -98,8 +104,7 @@ class Embedder:
         for start in tqdm(range(0, n, self.batch_size), desc=desc or f"embed [{self.name}]", unit="batch",
                           leave=False):
             batch = get(start, min(n, start + self.batch_size)).to(self.device, torch.float32)
-            feats = self._features(batch).float().flatten(1)
-            out.append(F.normalize(feats, dim=1).cpu())
+            out.append(self._features(batch).float().flatten(1).cpu())
         if not out:
             return torch.zeros(0, 0)
         return torch.cat(out)
@@ -146,12 +151,12 @@ class VaeEmbedder(Embedder):
 class ModuleEmbedder(Embedder):
     """A vision network with its own input size and normalisation."""
 
-    def __init__(self, module, name: str, fingerprint: str, size, mean, std, **kw):
+    def __init__(self, module, name: str, fingerprint: str, size, mean, std, interpolation: str = "bicubic", **kw):
         super().__init__(**kw)
         self.module = module.eval().to(self.device)
         self.name = name
         self._fingerprint = fingerprint
-        self.size, self.mean, self.std = size, mean, std
+        self.size, self.mean, self.std, self.interpolation = size, mean, std, interpolation
 
     def fingerprint(self):
         return self._fingerprint
@@ -160,7 +165,7 @@ class ModuleEmbedder(Embedder):
         return self.module(x)
 
     def _features(self, images):
-        return self._forward(resize_normalise(images, self.size, self.mean, self.std))
+        return self._forward(resize_normalise(images, self.size, self.mean, self.std, self.interpolation))
 
 
 class OpenClipEmbedder(ModuleEmbedder):
@@ -277,10 +282,15 @@ def _inception(spec, device, batch_size):
     path = _need_file(spec, "weights", "Inception-v3 weight file")
     model, layout = build_inception(path, spec.get("layout", "auto"))
     # Both layouts expect pixels scaled to [-1, 1] at 299 x 299 (torchvision's ImageNet weights bake the
-    # ImageNet-statistics step into transform_input, which amounts to the same scaling).
-    name = "inception" if layout == "pytorch-fid" else "inception-torchvision"
-    return ModuleEmbedder(model, name, f"{name}:{file_fingerprint(path)}", 299, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5),
-                          device=device, batch_size=batch_size)
+    # ImageNet-statistics step into transform_input, which amounts to the same scaling). FID resizes as pytorch-fid
+    # does (bilinear, align_corners=False, no antialiasing), so that its numbers match pytorch-fid's on the same
+    # images; the torchvision network, whose numbers match nothing published, keeps the antialiased bicubic resize.
+    if layout == "pytorch-fid":
+        name, interpolation = "inception", "bilinear"
+    else:
+        name, interpolation = "inception-torchvision", "bicubic"
+    return ModuleEmbedder(model, name, f"{name}:{interpolation}:{file_fingerprint(path)}", 299, (0.5, 0.5, 0.5),
+                          (0.5, 0.5, 0.5), interpolation=interpolation, device=device, batch_size=batch_size)
 
 
 def build_embedder(spec: dict | str, pipe=None, device: str | torch.device = "cpu", batch_size: int = 32) -> Embedder:
@@ -310,6 +320,15 @@ def content_hash(images: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+# Part of every feature-cache key: feature files written when embedders still normalised rows are never read back.
+FEATURE_FORMAT = "raw"
+
+
+def feature_cache_key(embedder: Embedder, content_digest: str) -> str:
+    """The name part of a cached feature file: what the embedder depends on and what it was given."""
+    return hashlib.sha256(f"{FEATURE_FORMAT}|{embedder.fingerprint()}|{content_digest}".encode()).hexdigest()[:24]
+
+
 def cached_embed(embedder: Embedder, images: torch.Tensor, cache_dir: str | Path | None,
                  desc: str | None = None) -> torch.Tensor:
     """Features of a fixed image set (the training set), computed once: the file name is a hash of the pixels and
@@ -318,7 +337,7 @@ def cached_embed(embedder: Embedder, images: torch.Tensor, cache_dir: str | Path
         return embedder.embed(images, desc=desc)
     from safetensors.torch import load_file, save_file
 
-    key = hashlib.sha256(f"{embedder.fingerprint()}|{content_hash(images)}".encode()).hexdigest()[:24]
+    key = feature_cache_key(embedder, content_hash(images))
     safe_name = "".join(c if c.isalnum() or c in "-_." else "_" for c in embedder.name)
     path = Path(cache_dir) / f"features-{safe_name}-{key}.safetensors"
     if path.is_file():

@@ -46,7 +46,7 @@ def _attribution(keys: list[str], flags: np.ndarray) -> list[dict]:
 
 def copy_detection(gen_feats, train_feats, train_keys: list[str], tau: float = DEFAULT_TAU,
                    chunk_size: int = 16384) -> dict:
-    """Nearest-neighbour copy detection on L2-normalised features (generated N x D against training M x D)."""
+    """Nearest-neighbour copy detection by cosine similarity of features (generated N x D against training M x D)."""
     if len(train_keys) != len(train_feats):
         raise ValueError(f"{len(train_keys)} training keys for {len(train_feats)} training features")
     sims, idx = nearest_neighbours(gen_feats, train_feats, k=1, chunk_size=chunk_size)

@@ -5,7 +5,8 @@ time; each chunk is scored against a block of queries with one matrix product an
 extra memory is about ``query_block x chunk_size`` scores plus one chunk of references (float32), whatever the size of
 the reference set. The result is exact: every reference is scored.
 
-``metric="cosine"`` ranks by inner product (rows are expected L2-normalised, as embedders return them);
+``metric="cosine"`` ranks by cosine similarity: each block of queries and chunk of references is L2-normalised as it
+is read (embedders return features as the network gives them; similarity is where the normalisation belongs);
 ``metric="l2"`` ranks by Euclidean distance. The matrix-product form of L2 (|q|^2 + |r|^2 - 2 q.r) loses precision for
 near-identical vectors, so the candidates it finds are re-scored with a direct float64 difference before ranking.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 # Candidates kept beyond k for the exact L2 re-scoring, against rounding in the matrix-product ranking.
@@ -52,12 +54,16 @@ def nearest_neighbours(queries, references, k: int = 2, chunk_size: int = 16384,
     all_vals, all_idx = [], []
     for q0 in range(0, n_q, query_block):
         q = _rows(queries, q0, min(n_q, q0 + query_block))
+        if metric == "cosine":
+            q = F.normalize(q, dim=1)
         q_sq = q.square().sum(1, keepdim=True)
         best_vals = torch.empty(len(q), 0)
         best_idx = torch.empty(len(q), 0, dtype=torch.long)
         for r0 in tqdm(range(0, n_ref, chunk_size), desc="nearest neighbours", unit="chunk", leave=False,
                        disable=not progress or None):
             r = _rows(references, r0, min(n_ref, r0 + chunk_size))
+            if metric == "cosine":
+                r = F.normalize(r, dim=1)
             scores = q @ r.T
             if metric == "l2":
                 scores = (q_sq + r.square().sum(1) - 2 * scores).clamp_min_(0)

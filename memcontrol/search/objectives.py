@@ -8,7 +8,6 @@ samples and the held-out images. The references (training and held-out features)
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,9 +38,11 @@ def embed_dataset(embedder, dataset, cache_dir: Path | None = None, digest: str 
     training cache's hash of pixels and captions) is known, so that later workers and runs read them back."""
     from safetensors.torch import load_file, save_file
 
+    from ..metrics.embedders import feature_cache_key
+
     path = None
     if cache_dir is not None and digest is not None:
-        key = hashlib.sha256(f"{embedder.fingerprint()}|{digest}".encode()).hexdigest()[:24]
+        key = feature_cache_key(embedder, digest)
         path = Path(cache_dir) / f"features-{key}.safetensors"
         if path.is_file():
             return load_file(str(path))["features"]
