@@ -96,7 +96,8 @@ def base_model_row(settings) -> dict:
     from memcontrol.search.objectives import measure, sample
 
     ctx = build_context(settings, pick_device(settings.model["device"], 0))
-    metrics, _ = measure(settings, ctx.references, sample(settings, ctx.pipe, ctx.sample_prompts))
+    metrics, _ = measure(settings, ctx.references, sample(settings, ctx.pipe, ctx.sample_prompts),
+                         sample(settings, ctx.pipe, ctx.quality_prompts))
     return {"label": "base model, not fine-tuned", "chosen": "False", "trainable_percent": 0, "steps": 0,
             "step_budget": 0, "folder": None, **metrics}
 

@@ -74,8 +74,8 @@ def config(args, sample_steps: int) -> dict:
         "train": {"steps": args.steps, "batch_size": 8, "lr": 1e-4, "caption_dropout": 0.1, "seed": 0},
         "objectives": {"memorization": {"metric": "mean_similarity", "features": {"type": "pixels", "size": 32}},
                        "quality": {"metric": "fd", "features": {"type": "vae"}}},
-        "sampling": {"prompts": args.prompts, "per_prompt": 1, "steps": sample_steps, "sampler": "dpm",
-                     "guidance_scale": 3.0},
+        "sampling": {"prompts": args.prompts, "quality_prompts": args.prompts, "per_prompt": 1, "steps": sample_steps,
+                     "sampler": "dpm", "guidance_scale": 3.0},
         "early_stop": {"enabled": True, "every": max(1, args.steps // 6), "probe_prompts": 4,
                        "max_ratio": args.max_ratio},
         "search": {"n_trials": args.trials},
@@ -95,7 +95,7 @@ def ours(settings, cands, work: Path) -> tuple[float, list[dict]]:
     return time.perf_counter() - start, rows
 
 
-def reference_style(settings, cands, refs) -> tuple[float, list[dict]]:
+def reference_style(settings, cands, refs, quality_prompts) -> tuple[float, list[dict]]:
     start = time.perf_counter()
     rows = []
     for cand in cands:
@@ -108,7 +108,7 @@ def reference_style(settings, cands, refs) -> tuple[float, list[dict]]:
         if result.status == "ok":
             tuned = pipeline_with_unet(pipe, result.applied.unet)
             samples = sample(settings, tuned, _prompts(train, settings))
-            metrics, _ = measure(settings, refs, samples)
+            metrics, _ = measure(settings, refs, samples, sample(settings, tuned, quality_prompts))
             row.update(memorization=metrics["memorization"], quality=metrics["quality"])
         row["seconds"] = time.perf_counter() - t0
         rows.append(row)
@@ -140,7 +140,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=4)
     parser.add_argument("--steps", type=int, default=60, help="training steps per trial")
-    parser.add_argument("--prompts", type=int, default=16, help="samples per trial (one per training caption)")
+    parser.add_argument("--prompts", type=int, default=16, help="memorization and quality samples per trial (one per training, one per held-out caption)")
     parser.add_argument("--sample-steps", type=int, default=20, help="sampling steps of our loop")
     parser.add_argument("--max-ratio", type=float, default=1.5, help="early stop: probe noise norm / base model's")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1")
@@ -157,8 +157,8 @@ def main() -> None:
         ours_s, ours_rows = ours(settings, cands, tmp)
         ref_settings = load_settings(config(args, 50), tmp / "ref")
         # The metrics' reference features are the same for both loops; computing them is not timed.
-        refs = build_context(ref_settings, args.device, progress=False).references
-        ref_s, ref_rows = reference_style(ref_settings, cands, refs)
+        ref_ctx = build_context(ref_settings, args.device, progress=False)
+        ref_s, ref_rows = reference_style(ref_settings, cands, ref_ctx.references, ref_ctx.quality_prompts)
 
     both = [i for i, (a, b) in enumerate(zip(ours_rows, ref_rows)) if a["status"] == b["status"] == "ok"]
     report = {

@@ -55,7 +55,7 @@ def search_data(tmp_path_factory) -> dict:
 
 
 def cheap_search_config(pipe_dir, data: dict, **sections) -> dict:
-    """The cheapest meaningful search: the tiny model, 64 px phantoms, 4 training steps, 2 samples of 2 steps,
+    """The cheapest meaningful search: the tiny model, 64 px phantoms, 4 training steps, 2 + 2 samples of 2 steps,
     pixel features, no baselines or early stopping unless a test asks. ``sections`` override whole keys of a
     section (``search={"n_trials": 5}``)."""
     cfg = {
@@ -68,7 +68,7 @@ def cheap_search_config(pipe_dir, data: dict, **sections) -> dict:
                   "train": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}}},
         "objectives": {"memorization": {"metric": "mean_similarity", "features": {"type": "pixels", "size": 16}},
                        "quality": {"metric": "fd", "features": {"type": "pixels", "size": 4}}},
-        "sampling": {"prompts": 2, "per_prompt": 1, "steps": 2, "guidance_scale": 2.0},
+        "sampling": {"prompts": 2, "quality_prompts": 2, "per_prompt": 1, "steps": 2, "guidance_scale": 2.0},
         "early_stop": {"enabled": False},
         "search": {"n_trials": 3, "sampler": "random", "heartbeat_s": 1, "grace_s": 5},
         "baselines": {"enabled": False},

@@ -32,7 +32,7 @@ def quick_run(tmp_path_factory):
         "data": {"train": {"source": str(HOSPITAL / "private" / "manifest.csv")},
                  "heldout": {"source": str(HOSPITAL / "heldout" / "manifest.csv")}},
         "train": {"steps": 4, "warmup": 1},
-        "sampling": {"prompts": 3, "per_prompt": 1, "steps": 2},
+        "sampling": {"prompts": 3, "quality_prompts": 3, "per_prompt": 1, "steps": 2},
         "early_stop": {"every": 2},
         "search": {"n_trials": 2, "workers": 1},
     })

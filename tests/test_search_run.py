@@ -105,6 +105,25 @@ def test_outputs_and_selection(finished_search):
     assert (out / "trials" / str(chosen[0]) / "copy_pairs.png").is_file()
 
 
+def test_every_figure_of_a_trial_carries_its_interval(finished_search):
+    out = finished_search["out"]
+    rows = [r for r in csv.DictReader(open(out / "trials.csv")) if r["state"] == "complete"]
+    pareto = list(csv.DictReader(open(out / "pareto.csv")))
+    assert len(rows) == 5 and pareto
+    for r in rows + pareto:
+        for name in ("memorization", "quality", "mean_similarity", "p95_similarity", "copy_fraction", "fd", "kid"):
+            low, value, high = (float(r[f"{name}_ci_low"]), float(r[name]), float(r[f"{name}_ci_high"]))
+            assert low <= high, (name, r)
+            if name in ("memorization", "mean_similarity", "copy_fraction"):
+                assert low <= value <= high, (name, r)   # a mean's percentile interval and a Wilson interval do
+        # The objective's interval is the interval of the metric it is.
+        assert (r["memorization_ci_low"], r["quality_ci_high"]) == (r["mean_similarity_ci_low"], r["fd_ci_high"])
+    recorded = json.loads((out / rows[0]["folder"] / "metrics.json").read_text())["metrics"]
+    assert {"fd_ci_low", "kid_ci_high", "copy_fraction_ci_low"} <= set(recorded) and "kid_std" not in recorded
+    report = (out / "report.html").read_text()
+    assert "quality [95% CI]" in report and re.search(r"\d \[[-\d.e]+, [-\d.e]+\]", report)
+
+
 def test_exported_candidate_loads_in_a_fresh_diffusers_pipeline(finished_search, tiny_pipe_dir):
     from diffusers import StableDiffusionPipeline
 

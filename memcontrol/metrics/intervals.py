@@ -177,7 +177,9 @@ def resampled_mmd2(generated, reference) -> callable:
         size = idx.shape[1]
         same = counts * counts
         pairs = np.einsum("bi,ij,bj->b", counts, k_xx, counts) - same @ diag
-        within_x = pairs / (size * size - same.sum(1))
+        # A resample of one sample drawn n times has no pair of distinct samples: NaN, left out of the interval.
+        with np.errstate(divide="ignore", invalid="ignore"):
+            within_x = pairs / (size * size - same.sum(1))
         return within_x + within_y - 2 * (counts @ k_xy_rows) / (size * m)
 
     return statistic

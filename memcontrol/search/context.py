@@ -22,7 +22,8 @@ class SearchContext:
     pipe: object
     cached: object                # memcontrol.training.CachedData of the training set
     train_set: object             # memcontrol.data.ImageCaptionDataset (or a subset of it)
-    sample_prompts: list[str]     # the training captions each trial samples
+    sample_prompts: list[str]     # the training captions each trial samples: memorization
+    quality_prompts: list[str]    # the held-out captions each trial samples: quality (the reference protocol)
     probe: tuple                  # text embeddings of the probe captions and of the empty prompt
     references: object            # memcontrol.search.objectives.References
     base_noise_norm: float | None  # the probe signal of the untrained model
@@ -89,11 +90,12 @@ def build_context(settings: SearchSettings, device: str, progress: bool = True) 
     cached = cache_training_data(pipe, train_set, Path(data["cache_dir"]), progress=progress)
     captions = list(train_set.captions)
     sample_prompts = spread(captions, settings.sampling["prompts"])
+    quality_prompts = spread(list(heldout.captions), settings.sampling["quality_prompts"])
     references = build_references(settings, pipe, train_set, heldout, cached.digest)
     probe, base = None, None
     if settings.early_stop["enabled"]:
         probe = probe_embeddings(pipe, spread(captions, settings.early_stop["probe_prompts"]))
         base = probe_signal(settings, pipe.unet, pipe.scheduler, probe)
-    log.info("worker ready on %s: %d training items, %d held-out, %d prompts per trial", device, len(train_set),
-             len(heldout), len(sample_prompts))
-    return SearchContext(settings, pipe, cached, train_set, sample_prompts, probe, references, base)
+    log.info("worker ready on %s: %d training items, %d held-out, %d training and %d held-out prompts per trial",
+             device, len(train_set), len(heldout), len(sample_prompts), len(quality_prompts))
+    return SearchContext(settings, pipe, cached, train_set, sample_prompts, quality_prompts, probe, references, base)

@@ -24,6 +24,7 @@ class References:
     train_features: torch.Tensor
     train_keys: list[str]
     heldout_features: torch.Tensor
+    heldout_stats: tuple                # gaussian_stats of the held-out features: fitted once, not every trial
     train_pixels: torch.Tensor | None   # only for the distance-ratio metric, which works in pixel space
 
 
@@ -55,15 +56,16 @@ def embed_dataset(embedder, dataset, cache_dir: Path | None = None, digest: str 
 
 
 def quality_name(settings: SearchSettings) -> str:
+    from ..metrics import fd_name
+
     q = settings.objectives["quality"]
     features = q["features"].get("type", "?")
-    if q["metric"] == "kid":
-        return f"KID[{features}]"
-    return "FID" if features == "inception" else f"FD[{features}]"
+    return f"KID[{features}]" if q["metric"] == "kid" else fd_name(features)
 
 
 def build_references(settings: SearchSettings, pipe, train_set, heldout, train_digest: str) -> References:
     from ..metrics import build_embedder
+    from ..metrics.quality import gaussian_stats
 
     mem, qual = settings.objectives["memorization"], settings.objectives["quality"]
     device = pipe.unet.device
@@ -73,8 +75,10 @@ def build_references(settings: SearchSettings, pipe, train_set, heldout, train_d
     pixels = (torch.cat(list(dataset_pixels(train_set)))
               if settings.memorization_metric == "distance_ratio_fraction" else None)
     cache = Path(settings.data["cache_dir"])
+    heldout_features = embed_dataset(qual_embedder, heldout)
+    stats = gaussian_stats(heldout_features) if len(heldout_features) >= 2 else None
     return References(mem_embedder, qual_embedder, embed_dataset(mem_embedder, train_set, cache, train_digest),
-                      list(train_set.keys), embed_dataset(qual_embedder, heldout), pixels)
+                      list(train_set.keys), heldout_features, stats, pixels)
 
 
 def sample(settings: SearchSettings, pipe, prompts: list[str]) -> torch.Tensor:
@@ -85,30 +89,52 @@ def sample(settings: SearchSettings, pipe, prompts: list[str]) -> torch.Tensor:
                             guidance_scale=s["guidance_scale"], sampler=s["sampler"])
 
 
-def measure(settings: SearchSettings, refs: References, samples: torch.Tensor) -> tuple[dict, list]:
-    """Scalar metrics (``memorization`` and ``quality`` are the objectives) and, per sample, its nearest training
-    item (index, key, similarity) for the copy pairs of the report."""
-    from ..metrics import copy_detection, distance_ratio, frechet_distance, kid
+def measure(settings: SearchSettings, refs: References, samples: torch.Tensor,
+            quality_samples: torch.Tensor) -> tuple[dict, list]:
+    """Scalar metrics (``memorization`` and ``quality`` are the objectives), each with its 95% interval
+    (``<name>_ci_low``, ``<name>_ci_high``), and, per memorization sample, its nearest training item (index, key,
+    similarity) for the copy pairs of the report.
+
+    Memorization is measured on ``samples`` (from training captions), quality on ``quality_samples`` (from held-out
+    captions). Rates get Wilson intervals; the other figures a bootstrap over the generated samples, the held-out
+    side fixed. The resamples are drawn from the sampling seed, so every run of a study resamples the same positions
+    of the same prompts: intervals of differences between runs can be formed pairwise from them."""
+    from ..metrics import copy_detection, distance_ratio, kid
+    from ..metrics.intervals import (bootstrap_indices, interval, resampled_frechet, resampled_mean,
+                                     resampled_mmd2, resampled_percentile, wilson)
+    from ..metrics.quality import frechet_from_stats, gaussian_stats
 
     mem, qual = settings.objectives["memorization"], settings.objectives["quality"]
+    resamples, seed = int(settings.objectives["bootstrap_resamples"]), int(settings.sampling["seed"])
     gen = refs.memorization_embedder.embed(samples).float().cpu()
     copies = copy_detection(gen, refs.train_features, refs.train_keys, tau=float(mem["tau"]))
-    metrics = {"mean_similarity": copies["mean"], "p95_similarity": copies["p95"], "max_similarity": copies["max"],
-               "copy_fraction": copies["fraction"], "copied_items": len(copies["attribution"])}
+    sims = copies["samples"]["similarity"]
+    mem_idx = bootstrap_indices(len(sims), resamples, seed)
+    metrics = {**interval(resampled_mean(sims), mem_idx).fields("mean_similarity"),
+               **interval(resampled_percentile(sims, 95), mem_idx).fields("p95_similarity"),
+               "max_similarity": copies["max"],
+               **wilson(copies["copies"], copies["n"]).fields("copy_fraction"),
+               "copied_items": len(copies["attribution"])}
     if settings.memorization_metric == "distance_ratio_fraction":
-        metrics["distance_ratio_fraction"] = distance_ratio(samples, refs.train_pixels, refs.train_keys)["fraction"]
-    gen_q = gen if refs.quality_embedder is refs.memorization_embedder else \
-        refs.quality_embedder.embed(samples).float().cpu()
+        ratio = distance_ratio(samples, refs.train_pixels, refs.train_keys)
+        metrics.update(wilson(ratio["memorized"], ratio["n"]).fields("distance_ratio_fraction"))
+    gen_q = refs.quality_embedder.embed(quality_samples).float().cpu()
+    held = refs.heldout_features
+    q_idx = bootstrap_indices(len(gen_q), resamples, seed)
     # Both distances are reported whichever is the objective (FD is biased at small sample counts, KID is not); the
     # other one only where it is defined (two samples a side), so that it never fails a trial.
-    defined = min(len(gen_q), len(refs.heldout_features)) >= 2
+    defined = min(len(gen_q), len(held)) >= 2
     if qual["metric"] == "kid" or defined:
-        metrics["kid"], metrics["kid_std"] = kid(gen_q, refs.heldout_features, subsets=int(qual["kid_subsets"]),
-                                                 subset_size=len(gen_q))
+        kid_mean, _ = kid(gen_q, held, subsets=int(qual["kid_subsets"]), subset_size=int(qual["kid_subset_size"]),
+                          seed=seed)
+        metrics.update(interval(resampled_mmd2(gen_q, held), q_idx, value=kid_mean).fields("kid"))
     if qual["metric"] == "fd" or defined:
-        metrics["fd"] = frechet_distance(gen_q, refs.heldout_features)
-    metrics["memorization"] = metrics[settings.memorization_metric]
-    metrics["quality"] = metrics[qual["metric"]]
+        fd = frechet_from_stats(*refs.heldout_stats, *gaussian_stats(gen_q))
+        metrics.update(interval(resampled_frechet(gen_q, refs.heldout_stats), q_idx, value=fd).fields("fd"))
+    for objective, name in (("memorization", settings.memorization_metric), ("quality", qual["metric"])):
+        metrics[objective] = metrics[name]
+        metrics[f"{objective}_ci_low"], metrics[f"{objective}_ci_high"] = (metrics[f"{name}_ci_low"],
+                                                                             metrics[f"{name}_ci_high"])
     per_sample = copies["samples"]
     neighbours = [{"index": i, "key": k, "similarity": sim}
                   for i, k, sim in zip(per_sample["nn_index"], per_sample["nn_key"], per_sample["similarity"])]

@@ -14,7 +14,9 @@ from .settings import SearchSettings
 
 BASELINE_MARKERS = {"full fine-tuning": "s", "LoRA on all attention": "^", "bias + norm tuning": "D"}
 PLOTLY_SYMBOLS = {"s": "square", "^": "triangle-up", "D": "diamond"}
-COLUMNS = ["kind", "number", "label", "state", "memorization", "quality", "feasible", "pareto", "chosen", "family",
+# Every figure's 95% interval sits beside it: <name>_ci_low, <name>_ci_high (memcontrol.metrics.intervals).
+COLUMNS = ["kind", "number", "label", "state", "memorization", "memorization_ci_low", "memorization_ci_high",
+           "quality", "quality_ci_low", "quality_ci_high", "feasible", "pareto", "chosen", "family",
            "n_sites", "lr", "trainable", "trainable_percent", "steps", "step_budget", "early_stopped",
            "train_seconds", "sample_seconds", "metric_seconds", "total_seconds"]
 TRAILING = ["reason", "folder"]
@@ -138,6 +140,15 @@ def fmt(value, spec=".4g") -> str:
     return format(value, spec) if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
 
 
+def fmt_ci(row: Row, name: str, spec=".4g") -> str:
+    """A figure with its 95% interval, "0.653 [0.641, 0.665]"; the bare figure where no interval was recorded."""
+    value = getattr(row, name) if name in ("memorization", "quality") else row.get(name)
+    low, high = row.get(f"{name}_ci_low"), row.get(f"{name}_ci_high")
+    if value is None or low is None or high is None:
+        return fmt(value, spec)
+    return f"{fmt(value, spec)} [{fmt(low, spec)}, {fmt(high, spec)}]"
+
+
 def comparison_rows(results: Results) -> list[Row]:
     """What the final table compares: the baselines, then the Pareto trials (the chosen one marked)."""
     return results.baselines + results.front
@@ -148,13 +159,13 @@ def comparison_table(results: Results, settings: SearchSettings) -> str:
     lines = []
     for r in comparison_rows(results):
         steps = f"{fmt(r.get('steps'))}/{fmt(r.get('step_budget'))}" if r.get("steps") is not None else "-"
-        lines.append([("* " if r.chosen else "  ") + r.label, fmt(r.memorization), fmt(r.quality),
-                      fmt(r.get("copy_fraction"), ".2f"), fmt(r.get("kid"), ".2g"),
+        lines.append([("* " if r.chosen else "  ") + r.label, fmt_ci(r, "memorization"), fmt_ci(r, "quality"),
+                      fmt_ci(r, "copy_fraction", ".2f"), fmt_ci(r, "kid", ".2g"),
                       fmt(r.get("trainable_percent"), ".3f"), steps, fmt(r.get("total_seconds"), ".1f"), r.state])
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
     out = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in [header, *lines]]
     xlabel, ylabel = axis_names(settings)
     tau = settings.objectives["memorization"]["tau"]
     out.append(f"memorization: {xlabel}; quality: {ylabel}; copy rate: share of samples above tau {tau}; "
-               "* = chosen")
+               "[95% interval: bootstrap over generated samples, Wilson for the copy rate]; * = chosen")
     return "\n".join(out)

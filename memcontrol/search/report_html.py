@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .report import fmt, axis_names, comparison_rows
+from .report import axis_names, comparison_rows, fmt, fmt_ci
 from .results import Results, Row
 from .settings import SearchSettings
 from .study import hide_password
@@ -19,7 +19,8 @@ from .worker import baseline_dir, trial_dir
 log = logging.getLogger(__name__)
 
 MAX_PAIRS = 12
-ROW_HEADER = ["candidate", "state", "memorization", "quality", "copy fraction", "trainable %", "family / sites",
+ROW_HEADER = ["candidate", "state", "memorization [95% CI]", "quality [95% CI]", "copy fraction [95% CI]",
+              "trainable %", "family / sites",
               "lr", "steps / budget", "seconds", "reason"]
 
 
@@ -28,8 +29,8 @@ def _steps(r: Row) -> str:
 
 
 def _cells(r: Row) -> list:
-    return [("★ " if r.chosen else "") + r.label, r.state, fmt(r.memorization), fmt(r.quality),
-            fmt(r.get("copy_fraction"), ".2f"), fmt(r.get("trainable_percent"), ".3f"),
+    return [("★ " if r.chosen else "") + r.label, r.state, fmt_ci(r, "memorization"), fmt_ci(r, "quality"),
+            fmt_ci(r, "copy_fraction", ".2f"), fmt(r.get("trainable_percent"), ".3f"),
             f"{r.get('family', '-')} / {r.get('n_sites', '-')}", fmt(r.get("lr"), ".2e"), _steps(r),
             fmt(r.get("total_seconds"), ".1f"), (r.get("reason") or "")[:200]]
 
@@ -73,11 +74,14 @@ def write_report(settings: SearchSettings, results: Results, path: Path) -> Path
     rep = HtmlReport("MemControl search")
     rep.add_text(f"Study '{settings.study_name}' in {hide_password(settings.storage_url)}: budget "
                  f"{settings.n_trials} trials; " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) +
-                 f". Memorization: {xlabel}. Quality: {ylabel}. Both are lower-is-better.")
+                 f". Memorization: {xlabel}, on samples of training captions. Quality: {ylabel}, on samples of "
+                 "held-out captions. Both are lower-is-better. Brackets: 95% intervals (bootstrap over the generated "
+                 "samples, the held-out side fixed; Wilson intervals for rates); runs whose intervals overlap are "
+                 "not shown apart by these samples.")
     if chosen is not None:
         rep.add_heading("Chosen candidate")
-        rep.add_text(f"{chosen.label}: {results.selection.explanation}. Memorization {fmt(chosen.memorization)}, "
-                     f"quality {fmt(chosen.quality)}, {chosen.get('family')} on {chosen.get('n_sites')} site(s), "
+        rep.add_text(f"{chosen.label}: {results.selection.explanation}. Memorization "
+                     f"{fmt_ci(chosen, 'memorization')}, quality {fmt_ci(chosen, 'quality')}, {chosen.get('family')} on {chosen.get('n_sites')} site(s), "
                      f"{fmt(chosen.get('trainable_percent'), '.3f')}% of the UNet trainable. Exported to "
                      f"{settings.out_dir / 'best'}.")
         candidate = _folder(settings, chosen) / "candidate.json"
@@ -112,7 +116,8 @@ def write_report(settings: SearchSettings, results: Results, path: Path) -> Path
               *[f for f in results.front if not f.chosen]]:
         grid = _folder(settings, r) / "samples.png"
         if grid.is_file():
-            rep.add_figure(grid, f"{r.label}: memorization {fmt(r.memorization)}, quality {fmt(r.quality)}")
+            rep.add_figure(grid, f"{r.label}: memorization {fmt_ci(r, 'memorization')}, "
+                                 f"quality {fmt_ci(r, 'quality')}")
     tmp = path.with_name(f"tmp{os.getpid()}-{path.name}")
     rep.write(tmp)
     return tmp.replace(path)

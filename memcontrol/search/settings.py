@@ -27,8 +27,11 @@ DEFAULTS = {
     "model": {"path": None, "device": "auto", "dtype": "float32"},
     "data": {"train": None, "heldout": None, "resolution": 512, "max_train": None, "cache_dir": None},
     "objectives": {"memorization": {"metric": "mean_similarity", "features": {"type": "vae"}, "tau": 0.5},
-                   "quality": {"metric": "fd", "features": {"type": "vae"}, "kid_subsets": 10}},
-    "sampling": {"prompts": 16, "per_prompt": 1, "steps": 20, "guidance_scale": 7.5, "seed": 0, "sampler": "dpm"},
+                   "quality": {"metric": "fd", "features": {"type": "vae"}, "kid_subsets": 10,
+                               "kid_subset_size": 1000},
+                   "bootstrap_resamples": 1000},
+    "sampling": {"prompts": 16, "quality_prompts": 64, "per_prompt": 1, "steps": 20, "guidance_scale": 7.5, "seed": 0,
+                 "sampler": "dpm"},
     "early_stop": {"enabled": True, "every": 50, "probe_prompts": 8, "noise_steps": 1, "max_ratio": 3.0,
                    "max_value": None},
     "search": {"n_trials": 40, "timeout": None, "sampler": "nsga2", "population_size": None, "seed": 0,
@@ -156,11 +159,14 @@ def load_settings(cfg: dict, out_dir: str | Path, storage: str | None = None, n_
     if objectives["quality"]["metric"] not in QUALITY_METRICS:
         raise ConfigError(f"objectives.quality.metric '{objectives['quality']['metric']}': choose one of "
                           f"{', '.join(QUALITY_METRICS)}")
+    for key in ("kid_subsets", "kid_subset_size"):
+        _positive_int(objectives["quality"][key], f"objectives.quality.{key}", 2 if key == "kid_subset_size" else 1)
+    _positive_int(objectives["bootstrap_resamples"], "objectives.bootstrap_resamples", 100)
     sampling = _merged(cfg, "sampling")
-    for key in ("prompts", "per_prompt", "steps"):
+    for key in ("prompts", "quality_prompts", "per_prompt", "steps"):
         _positive_int(sampling[key], f"sampling.{key}")
-    if sampling["prompts"] * sampling["per_prompt"] < 2:
-        raise ConfigError("sampling: at least two samples per trial are needed to measure quality")
+    if sampling["quality_prompts"] * sampling["per_prompt"] < 2:
+        raise ConfigError("sampling: at least two quality samples per trial are needed to measure quality")
     early_stop = _merged(cfg, "early_stop")
     if early_stop["enabled"]:
         _positive_int(early_stop["every"], "early_stop.every")

@@ -3,8 +3,9 @@
 ``evaluate_candidate`` is the small function the search calls for every trial and baseline. It never raises for a
 bad candidate: an exception, a non-finite loss or metric, or running out of memory comes back as a failed
 ``Outcome`` with its reason, so that the study goes on. Everything a trial produces goes to its folder:
-``mask.json``, ``metrics.json`` (status, reason, metrics, compute), ``samples/`` and ``samples.png``, and, when
-asked, the trained ``adapter/`` in the export format.
+``mask.json``, ``metrics.json`` (status, reason, metrics with their 95% intervals, compute), ``samples/`` and
+``samples.png`` (the memorization samples, from training captions; the quality samples, from held-out captions, are
+measured and not kept), and, when asked, the trained ``adapter/`` in the export format.
 """
 
 from __future__ import annotations
@@ -135,10 +136,11 @@ def _evaluate(ctx, candidate, folder, early_stop, keep_adapter, progress) -> Out
     tuned = pipeline_with_unet(ctx.pipe, result.applied.unet)
     t0 = time.perf_counter()
     samples = sample(settings, tuned, ctx.sample_prompts)
+    quality_samples = sample(settings, tuned, ctx.quality_prompts)
     out.compute["sample_seconds"] = round(time.perf_counter() - t0, 3)
     save_samples(samples, folder)
     t0 = time.perf_counter()
-    metrics, neighbours = measure(settings, ctx.references, samples)
+    metrics, neighbours = measure(settings, ctx.references, samples, quality_samples)
     out.compute["metric_seconds"] = round(time.perf_counter() - t0, 3)
     out.metrics.update(metrics)
     (folder / "neighbours.json").write_text(json.dumps(neighbours) + "\n")
