@@ -35,6 +35,7 @@ from .config import load_config, merge, resolve_path, section
 from .errors import ConfigError, DataError, MissingWeightsError
 from .metrics import (build_embedder, cached_embed, copy_detection, distance_ratio, extraction,
                       nearest_neighbours, noise_norm, quality_report, tiled_l2)
+from .metrics.intervals import bootstrap_indices, interval, resampled_mean
 from .metrics.memorization import DEFAULT_DELTA, DEFAULT_TAU, RATIO_THRESHOLD
 from .report import HtmlReport, histogram_figure, pairs_figure, save_figure
 from .sampling import generate_samples
@@ -49,8 +50,9 @@ SCHEMA = {
     "inputs": "model, adapter, manifest, heldout, prompts file (paths as given)",
     "config": "the audit settings in effect (defaults merged with the config file)",
     "counts": "prompts, samples, training_images, heldout_images",
-    "summary": "headline numbers: copy fraction per feature space, distance-ratio and tiled-L2 fractions, "
-               "extraction fraction, mean noise norm",
+    "summary": "headline numbers: copy fraction and mean similarity per feature space, distance-ratio and "
+               "tiled-L2 fractions, extraction fraction, mean noise norm, FD/FID and KID; each with its 95% interval "
+               "as <name>_ci_low and <name>_ci_high (Wilson for fractions, bootstrap over generated samples else)",
     "checks": "one entry per check that ran: noise_norm, copy_detection (per feature space), distance_ratio, "
               "tiled_l2, extraction, quality (per-sample lists are in samples.csv, not here)",
     "skipped": "list of {check, reason}",
@@ -208,6 +210,11 @@ def _auc(positive, negative) -> float | None:
     return float(greater / (len(pos) * len(neg)))
 
 
+def _interval_text(summary: dict, name: str) -> str:
+    low, high = summary.get(f"{name}_ci_low"), summary.get(f"{name}_ci_high")
+    return "" if low is None or high is None else f"[{low:.4g}, {high:.4g}]"
+
+
 def _strip_samples(result: dict) -> dict:
     return {k: v for k, v in result.items() if k not in ("samples", "per_prompt")}
 
@@ -230,6 +237,7 @@ class Audit:
         self.n_per_prompt = int(gen["n_per_prompt"])
         self.prompt_of_sample = np.repeat(np.arange(len(prompts)), self.n_per_prompt)
         self.generated: torch.Tensor | None = None
+        self.resamples: np.ndarray | None = None  # the bootstrap's resamples of the generated samples, shared
         self.features: dict[str, dict] = {}  # feature space -> embedder and features, reused by the quality check
 
     # --- steps -------------------------------------------------------------------------------------------------
@@ -241,8 +249,11 @@ class Audit:
                                   batch_size=int(gen["batch_size"]), sampler=gen.get("sampler"))
         self.generated = resized(images, self.size)
         self.state.sample_columns["prompt_index"] = self.prompt_of_sample.tolist()
-        self.state.sample_columns["seed"] = [int(self.s["seed"]) + j for _ in self.prompts
-                                             for j in range(self.n_per_prompt)]
+        seeds = [int(self.s["seed"]) + j for _ in self.prompts for j in range(self.n_per_prompt)]
+        self.state.sample_columns["seed"] = seeds
+        # One resample matrix for every figure of the generated samples: sampling seeds first, then samples within
+        # each drawn seed, so that the intervals carry the seed-to-seed variation too.
+        self.resamples = bootstrap_indices(len(seeds), seed=int(self.s["seed"]), groups=seeds)
 
     def run_noise_norm(self) -> None:
         cfg = self.s["noise_norm"]
@@ -253,8 +264,10 @@ class Audit:
                   num_inference_steps=int(cfg["num_inference_steps"]), guidance_scale=float(cfg["guidance_scale"]),
                   samples_per_prompt=int(cfg["samples_per_prompt"]))
         values = noise_norm(self.pipe, self.prompts, **kw).numpy().astype(float)
+        by_prompt = bootstrap_indices(len(values), seed=int(self.s["seed"]))
         result = {"steps": kw["steps"], "num_inference_steps": kw["num_inference_steps"],
-                  "samples_per_prompt": kw["samples_per_prompt"], "n": len(values), "mean": float(values.mean()),
+                  "samples_per_prompt": kw["samples_per_prompt"], "n": len(values),
+                  **interval(resampled_mean(values), by_prompt).fields("mean"),
                   "p95": float(np.percentile(values, 95)), "max": float(values.max())}
         series = {"audited prompts": values}
         if self.heldout is not None:
@@ -299,7 +312,7 @@ class Audit:
                     self.state.skip(f"copy_detection[{name}] copy decision",
                                     "tau: heldout needs held-out images (--heldout); similarities are reported")
             result = copy_detection(gen_feats, train_feats, self.train.keys, tau=float("inf") if tau is None
-                                    else float(tau))
+                                    else float(tau), indices=self.resamples)
             if tau is None:
                 result.update(tau=None, copies=None, fraction=None, attribution=[])
             result["tau_source"] = source
@@ -381,7 +394,7 @@ class Audit:
         size = cfg.get("size")
         train = resized(self.train.images, size)
         kw = dict(delta=float(cfg["delta"]), grid=int(cfg["grid"]))
-        result = tiled_l2(resized(self.generated, size), train, self.train.keys, **kw)
+        result = tiled_l2(resized(self.generated, size), train, self.train.keys, indices=self.resamples, **kw)
         series = {"generated": result["samples"]["distance"]}
         if self.heldout is not None:
             held = tiled_l2(resized(self.heldout.images, size), train, self.train.keys, **kw)
@@ -451,7 +464,7 @@ class Audit:
             self.state.skip("quality", "fewer than 2 held-out or generated images")
             return
         result = quality_report(real, fake, embedder.name, int(cfg["kid_subsets"]), int(cfg["kid_subset_size"]),
-                                int(self.s["seed"]))
+                                int(self.s["seed"]), self.resamples)
         self.state.warnings.extend(result["warnings"])
         self.state.metrics["quality"] = result
 
@@ -474,19 +487,27 @@ class Audit:
     # --- outputs -----------------------------------------------------------------------------------------------
 
     def summary(self) -> dict:
+        """Headline numbers, each with its 95% interval (``<name>_ci_low``, ``<name>_ci_high``) where it has one."""
         m = self.state.metrics
         out = {}
+
+        def put(name: str, result: dict, key: str) -> None:
+            out[name] = result[key]
+            for suffix in ("_ci_low", "_ci_high"):
+                if key + suffix in result:
+                    out[name + suffix] = result[key + suffix]
+
         for name, r in m.get("copy_detection", {}).items():
-            out[f"copy_fraction[{name}]"] = r["fraction"]
-            out[f"mean_similarity[{name}]"] = r["mean"]
+            put(f"copy_fraction[{name}]", r, "fraction")
+            put(f"mean_similarity[{name}]", r, "mean")
         for check in ("distance_ratio", "tiled_l2", "extraction"):
             if check in m:
-                out[f"{check}_fraction"] = m[check]["fraction"]
+                put(f"{check}_fraction", m[check], "fraction")
         if "noise_norm" in m:
-            out["mean_noise_norm"] = m["noise_norm"]["mean"]
+            put("mean_noise_norm", m["noise_norm"], "mean")
         if "quality" in m:
-            out[m["quality"]["fd_name"]] = m["quality"]["fd"]
-            out["KID"] = m["quality"]["kid_mean"]
+            put(m["quality"]["fd_name"], m["quality"], "fd")
+            put("KID", m["quality"], "kid")
         return out
 
     def write(self) -> dict:
@@ -534,7 +555,12 @@ class Audit:
                    f"{metrics['counts']['training_images']} training images, "
                    f"{metrics['counts']['heldout_images']} held-out images. Created {metrics['created']}.")
         r.add_heading("Summary")
-        r.add_table([{"measure": k, "value": v} for k, v in metrics["summary"].items()])
+        summary = metrics["summary"]
+        r.add_table([{"measure": k, "value": v, "95% interval": _interval_text(summary, k)}
+                     for k, v in summary.items() if not k.endswith(("_ci_low", "_ci_high"))])
+        r.add_text("95% intervals: Wilson intervals for fractions; for the other figures, a bootstrap over the "
+                   "generated samples (over sampling seeds, then samples within them), the training and held-out "
+                   "images fixed. Two audits whose intervals overlap are not shown apart by these samples.")
         for w in metrics["warnings"]:
             r.add_text(w, note=True)
         if metrics["skipped"]:

@@ -40,7 +40,8 @@ def test_without_a_manifest_only_the_noise_norm_runs_and_the_rest_is_explained(n
         assert "--manifest" in skipped[check]
     assert "--heldout" in skipped["quality"] and "disabled" in skipped["extraction"]
     assert metrics["counts"] == {"prompts": 3, "samples": 3, "training_images": 0, "heldout_images": 0}
-    assert json.loads((out / "metrics.json").read_text())["summary"]["mean_noise_norm"] > 0
+    summary = json.loads((out / "metrics.json").read_text())["summary"]
+    assert 0 < summary["mean_noise_norm_ci_low"] <= summary["mean_noise_norm"] <= summary["mean_noise_norm_ci_high"]
     with open(out / "prompts.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert [r["prompt"] for r in rows] == ["pa chest radiograph", "small nodule left upper zone", "large effusion"]
@@ -129,6 +130,13 @@ def test_no_patient_identifier_reaches_any_output(phantom_cohort, tiny_pipe_dir,
     assert {"noise_norm", "copy_detection", "distance_ratio", "tiled_l2", "extraction", "quality"} <= set(
         metrics["checks"])
     assert metrics["counts"]["training_images"] == phantom_cohort.patients + phantom_cohort.duplicates
+    # Every headline figure carries its 95% interval (the maximum-free summary has one for each).
+    summary = metrics["summary"]
+    figures = [k for k in summary if not k.endswith(("_ci_low", "_ci_high"))]
+    assert {"KID", "tiled_l2_fraction", "copy_fraction[vae]"} <= set(figures)
+    for name in figures:
+        assert summary[f"{name}_ci_low"] <= summary[f"{name}_ci_high"], name
+    assert "95% interval" in (out / "report.html").read_text(encoding="utf-8")
     assert_no_identifiers([out, captured.out, captured.err], phantom_cohort.identifiers)
 
 

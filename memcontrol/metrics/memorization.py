@@ -16,6 +16,12 @@
   prompt is extracted when a clique of at least ``min_clique`` mutually near-identical samples forms and its most
   central member is within delta of a training image. The clique is grown greedily from each sample in order of
   degree, which finds a large clique (a lower bound on the largest one) in O(n^3) at worst.
+
+Every headline figure carries its 95% interval (``<name>_ci_low``, ``<name>_ci_high``): a Wilson interval for each
+fraction, a bootstrap interval over the generated samples for the mean and 95th percentile (the training side is
+fixed). ``indices`` is the bootstrap's resample matrix (``intervals.bootstrap_indices``): pass the same one to runs
+sampled on the same prompts and seeds to compare them pairwise; by default 1,000 resamples from seed 0. The maximum
+has none: no bootstrap interval of a maximum is trustworthy.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from collections import Counter
 import numpy as np
 import torch
 
+from .intervals import bootstrap_indices, interval, resampled_mean, resampled_percentile, wilson
 from .nn_search import nearest_neighbours
 
 DEFAULT_TAU = 0.5
@@ -33,10 +40,18 @@ RATIO_THRESHOLD = 1 / 3
 DEFAULT_DELTA = 0.1
 
 
-def _summary(values: np.ndarray) -> dict:
+def _summary(values: np.ndarray, indices: np.ndarray | None) -> dict:
     if len(values) == 0:
         return {"mean": None, "p95": None, "max": None}
-    return {"mean": float(values.mean()), "p95": float(np.percentile(values, 95)), "max": float(values.max())}
+    idx = bootstrap_indices(len(values)) if indices is None else indices
+    return {**interval(resampled_mean(values), idx).fields("mean"),
+            **interval(resampled_percentile(values, 95), idx).fields("p95"), "max": float(values.max())}
+
+
+def _rate(hits: int, n: int) -> dict:
+    """The fraction with its Wilson interval; 0 with an empty interval when there was nothing to count."""
+    return wilson(hits, n).fields("fraction") if n else {"fraction": 0.0, "fraction_ci_low": None,
+                                                         "fraction_ci_high": None}
 
 
 def _attribution(keys: list[str], flags: np.ndarray) -> list[dict]:
@@ -45,7 +60,7 @@ def _attribution(keys: list[str], flags: np.ndarray) -> list[dict]:
 
 
 def copy_detection(gen_feats, train_feats, train_keys: list[str], tau: float = DEFAULT_TAU,
-                   chunk_size: int = 16384) -> dict:
+                   chunk_size: int = 16384, indices: np.ndarray | None = None) -> dict:
     """Nearest-neighbour copy detection by cosine similarity of features (generated N x D against training M x D)."""
     if len(train_keys) != len(train_feats):
         raise ValueError(f"{len(train_keys)} training keys for {len(train_feats)} training features")
@@ -54,7 +69,7 @@ def copy_detection(gen_feats, train_feats, train_keys: list[str], tau: float = D
     keys = [train_keys[i] for i in idx]
     flags = sims > tau
     return {"metric": "copy_detection", "tau": tau, "n": len(sims), "copies": int(flags.sum()),
-            "fraction": float(flags.mean()) if len(flags) else 0.0, **_summary(sims),
+            **_rate(int(flags.sum()), len(flags)), **_summary(sims, indices),
             "attribution": _attribution(keys, flags),
             "samples": {"similarity": sims.tolist(), "nn_index": idx.tolist(), "nn_key": keys,
                         "is_copy": flags.tolist()}}
@@ -102,7 +117,7 @@ def distance_ratio(gen_images, train_images, train_keys: list[str] | None = None
     nn_keys = [keys[i] for i in nn1]
     valid = ratio[np.isfinite(ratio)]
     return {"metric": "distance_ratio", "threshold": threshold, "n": len(gen), "memorized": int(flags.sum()),
-            "fraction": float(flags.mean()) if len(flags) else 0.0,
+            **_rate(int(flags.sum()), len(flags)),
             "mean_ratio": float(valid.mean()) if len(valid) else None,
             "training_duplicates_removed": int(len(_flat(train_images)) - len(keep)), "distinct_by": distinct_by,
             "attribution": _attribution(nn_keys, flags),
@@ -146,14 +161,14 @@ def _nearest_tiled(gen_tiles, train_tiles, chunk: int = 1024) -> tuple[np.ndarra
 
 
 def tiled_l2(gen_images, train_images, train_keys: list[str] | None = None, delta: float = DEFAULT_DELTA,
-             grid: int = 4) -> dict:
+             grid: int = 4, indices: np.ndarray | None = None) -> dict:
     """Tiled-L2 copy test of each generated image against its nearest training image (see module doc)."""
     keys = list(train_keys) if train_keys is not None else [str(i) for i in range(len(train_images))]
     dist, arg = _nearest_tiled(_tiles(gen_images, grid), _tiles(train_images, grid))
     flags = dist < delta
     nn_keys = [keys[i] for i in arg]
     return {"metric": "tiled_l2", "delta": delta, "grid": grid, "n": len(dist), "copies": int(flags.sum()),
-            "fraction": float(flags.mean()) if len(flags) else 0.0, **_summary(dist),
+            **_rate(int(flags.sum()), len(flags)), **_summary(dist, indices),
             "attribution": _attribution(nn_keys, flags),
             "samples": {"distance": dist.tolist(), "nn_key": nn_keys, "is_copy": flags.tolist()}}
 
@@ -197,5 +212,5 @@ def extraction(samples_by_prompt, train_images, train_keys: list[str] | None = N
                      "extracted": bool(len(clique) >= min_clique and matched)})
     extracted = [r for r in rows if r["extracted"]]
     return {"metric": "extraction", "delta": delta, "min_clique": min_clique, "grid": grid, "prompts": len(rows),
-            "extracted": len(extracted), "fraction": len(extracted) / len(rows) if rows else 0.0,
+            "extracted": len(extracted), **_rate(len(extracted), len(rows)),
             "extracted_keys": sorted({r["nearest_key"] for r in extracted}), "per_prompt": rows}

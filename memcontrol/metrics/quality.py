@@ -7,7 +7,10 @@ Tr((S1 S2)^(1/2)) = sum of the square roots of its eigenvalues, tiny negative on
 This stays finite for the singular covariances of small sample sets, where scipy's general sqrtm needs an offset.
 
 KID (Binkowski et al. 2018): the unbiased estimate of MMD^2 with the cubic polynomial kernel
-k(x, y) = (x.y / d + 1)^3, averaged over random subsets of equal size drawn from each set (without replacement).
+k(x, y) = (x.y / d + 1)^3, averaged over random subsets of equal size drawn from each set (without replacement). The
+spread over subsets is not a run's uncertainty (subsets share samples); ``quality_report`` gives bootstrap intervals.
+
+Features go in as the network gives them: rows are never L2-normalised here (that would change what is measured).
 
 The value is called "FID" only on the standard Inception-v3 pool features; on any other features it is
 "FD[<feature name>]", since the numbers are not comparable with published FIDs. With fewer samples than feature
@@ -82,12 +85,24 @@ def fd_name(feature_name: str) -> str:
 
 
 def quality_report(real, generated, feature_name: str, kid_subsets: int = 100, kid_subset_size: int = 1000,
-                   seed: int = 0) -> dict:
-    """Fréchet distance and KID with their names, sample counts and a warning when the Fréchet estimate is biased."""
+                   seed: int = 0, indices: np.ndarray | None = None, real_stats=None) -> dict:
+    """Fréchet distance and KID, each with its 95% interval (``fd_ci_low``, ``fd_ci_high``, ``kid_ci_low``,
+    ``kid_ci_high``: a bootstrap over the generated samples, the real side fixed), their names, sample counts and a
+    warning when the Fréchet estimate is biased. ``indices``: the bootstrap's resample matrix over the generated
+    samples (``intervals.bootstrap_indices``; the same one for runs compared pairwise; by default 1,000 resamples
+    from ``seed``). ``real_stats`` (``gaussian_stats(real)``) saves refitting a fixed reference on every call."""
+    from .intervals import bootstrap_indices, interval, resampled_frechet, resampled_mmd2
+
     n_real, n_gen, dim = len(real), len(generated), real.shape[1]
-    kid_mean, kid_std = kid(real, generated, kid_subsets, kid_subset_size, seed)
-    out = {"features": feature_name, "fd_name": fd_name(feature_name), "fd": frechet_distance(real, generated),
-           "kid_mean": kid_mean, "kid_std": kid_std, "n_real": n_real, "n_generated": n_gen, "dim": dim,
+    real_stats = gaussian_stats(real) if real_stats is None else real_stats
+    gen = _float64(generated)
+    idx = bootstrap_indices(n_gen, seed=seed) if indices is None else indices
+    fd = frechet_from_stats(*real_stats, *gaussian_stats(gen))
+    kid_mean, _ = kid(real, gen, kid_subsets, kid_subset_size, seed)
+    out = {"features": feature_name, "fd_name": fd_name(feature_name),
+           **interval(resampled_frechet(gen, real_stats), idx, value=fd).fields("fd"),
+           **interval(resampled_mmd2(gen, _float64(real)), idx, value=kid_mean).fields("kid"),
+           "n_real": n_real, "n_generated": n_gen, "dim": dim,
            "kid_subset_size": min(kid_subset_size, n_real, n_gen), "kid_subsets": kid_subsets, "warnings": []}
     if min(n_real, n_gen) < dim:
         out["warnings"].append(

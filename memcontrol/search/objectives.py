@@ -89,6 +89,11 @@ def sample(settings: SearchSettings, pipe, prompts: list[str]) -> torch.Tensor:
                             guidance_scale=s["guidance_scale"], sampler=s["sampler"])
 
 
+def with_interval(result: dict, key: str, name: str | None = None) -> dict:
+    """``result[key]`` with its 95% interval (``key_ci_low``, ``key_ci_high``), under ``name``."""
+    return {(name or key) + suffix: result[key + suffix] for suffix in ("", "_ci_low", "_ci_high")}
+
+
 def measure(settings: SearchSettings, refs: References, samples: torch.Tensor,
             quality_samples: torch.Tensor) -> tuple[dict, list]:
     """Scalar metrics (``memorization`` and ``quality`` are the objectives), each with its 95% interval
@@ -98,43 +103,30 @@ def measure(settings: SearchSettings, refs: References, samples: torch.Tensor,
     Memorization is measured on ``samples`` (from training captions), quality on ``quality_samples`` (from held-out
     captions). Rates get Wilson intervals; the other figures a bootstrap over the generated samples, the held-out
     side fixed. The resamples are drawn from the sampling seed, so every run of a study resamples the same positions
-    of the same prompts: intervals of differences between runs can be formed pairwise from them."""
-    from ..metrics import copy_detection, distance_ratio, kid
-    from ..metrics.intervals import (bootstrap_indices, interval, resampled_frechet, resampled_mean,
-                                     resampled_mmd2, resampled_percentile, wilson)
-    from ..metrics.quality import frechet_from_stats, gaussian_stats
+    of the same prompts: intervals of differences between runs can be formed pairwise from them. A metric that needs
+    two samples a side fails the trial (with its reason) when there are fewer."""
+    from ..metrics import copy_detection, distance_ratio, quality_report
+    from ..metrics.intervals import bootstrap_indices
 
     mem, qual = settings.objectives["memorization"], settings.objectives["quality"]
     resamples, seed = int(settings.objectives["bootstrap_resamples"]), int(settings.sampling["seed"])
     gen = refs.memorization_embedder.embed(samples).float().cpu()
-    copies = copy_detection(gen, refs.train_features, refs.train_keys, tau=float(mem["tau"]))
-    sims = copies["samples"]["similarity"]
-    mem_idx = bootstrap_indices(len(sims), resamples, seed)
-    metrics = {**interval(resampled_mean(sims), mem_idx).fields("mean_similarity"),
-               **interval(resampled_percentile(sims, 95), mem_idx).fields("p95_similarity"),
-               "max_similarity": copies["max"],
-               **wilson(copies["copies"], copies["n"]).fields("copy_fraction"),
+    copies = copy_detection(gen, refs.train_features, refs.train_keys, tau=float(mem["tau"]),
+                            indices=bootstrap_indices(len(gen), resamples, seed))
+    metrics = {**with_interval(copies, "mean", "mean_similarity"), **with_interval(copies, "p95", "p95_similarity"),
+               "max_similarity": copies["max"], **with_interval(copies, "fraction", "copy_fraction"),
                "copied_items": len(copies["attribution"])}
     if settings.memorization_metric == "distance_ratio_fraction":
         ratio = distance_ratio(samples, refs.train_pixels, refs.train_keys)
-        metrics.update(wilson(ratio["memorized"], ratio["n"]).fields("distance_ratio_fraction"))
+        metrics.update(with_interval(ratio, "fraction", "distance_ratio_fraction"))
     gen_q = refs.quality_embedder.embed(quality_samples).float().cpu()
-    held = refs.heldout_features
-    q_idx = bootstrap_indices(len(gen_q), resamples, seed)
-    # Both distances are reported whichever is the objective (FD is biased at small sample counts, KID is not); the
-    # other one only where it is defined (two samples a side), so that it never fails a trial.
-    defined = min(len(gen_q), len(held)) >= 2
-    if qual["metric"] == "kid" or defined:
-        kid_mean, _ = kid(gen_q, held, subsets=int(qual["kid_subsets"]), subset_size=int(qual["kid_subset_size"]),
-                          seed=seed)
-        metrics.update(interval(resampled_mmd2(gen_q, held), q_idx, value=kid_mean).fields("kid"))
-    if qual["metric"] == "fd" or defined:
-        fd = frechet_from_stats(*refs.heldout_stats, *gaussian_stats(gen_q))
-        metrics.update(interval(resampled_frechet(gen_q, refs.heldout_stats), q_idx, value=fd).fields("fd"))
-    for objective, name in (("memorization", settings.memorization_metric), ("quality", qual["metric"])):
-        metrics[objective] = metrics[name]
-        metrics[f"{objective}_ci_low"], metrics[f"{objective}_ci_high"] = (metrics[f"{name}_ci_low"],
-                                                                             metrics[f"{name}_ci_high"])
+    # FD and KID are both recorded whichever is the objective (FD is biased at small sample counts, KID is not).
+    quality = quality_report(refs.heldout_features, gen_q, refs.quality_embedder.name, int(qual["kid_subsets"]),
+                             int(qual["kid_subset_size"]), seed, bootstrap_indices(len(gen_q), resamples, seed),
+                             refs.heldout_stats)
+    metrics.update({**with_interval(quality, "fd"), **with_interval(quality, "kid")})
+    metrics.update({**with_interval(metrics, settings.memorization_metric, "memorization"),
+                    **with_interval(metrics, qual["metric"], "quality")})
     per_sample = copies["samples"]
     neighbours = [{"index": i, "key": k, "similarity": sim}
                   for i, k, sim in zip(per_sample["nn_index"], per_sample["nn_key"], per_sample["similarity"])]
