@@ -5,7 +5,9 @@
 
 Prints the wall time and, for full fine-tuning, each baseline and the selected mask: copy rate (share of samples
 whose nearest private patient is above the config's tau in its feature space), the private patients copied, mean
-nearest-neighbour similarity, quality (FD and KID on the config's features), trainable share and steps.
+nearest-neighbour similarity, quality (FD and KID on the config's features, from samples of held-out captions),
+trainable share and steps. Every figure carries its 95% interval: Wilson for rates (copy rate, precision, recall),
+a bootstrap over the generated samples for the others (the search's own intervals, from trials.csv).
 
 Then the detector against the truth. Every phantom patient is distinct, so whether a sample truly copies a private
 patient is known from pixels alone (``memcontrol.metrics.ground_truth``); the detector (nearest private patient in
@@ -19,7 +21,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import subprocess
 import sys
 import tempfile
@@ -103,12 +104,22 @@ def base_model_row(settings) -> dict:
 
 
 def num(row: dict, key: str, spec: str) -> str:
-    value = row.get(key)
-    return "-" if value in (None, "") else format(float(value), spec)
+    """A figure of a trials.csv row (or of a metrics dict) with its 95% interval."""
+    from memcontrol.metrics.intervals import format_interval
+
+    def get(name):
+        value = row.get(name)
+        return None if value in (None, "") else float(value)
+
+    return format_interval(get(key), get(f"{key}_ci_low"), get(f"{key}_ci_high"), spec)
 
 
-def pct(value: float) -> str:
-    return "-" if math.isnan(value) else f"{100 * value:.0f}%"
+def rate(hits: int, n: int) -> str:
+    """A rate with its Wilson 95% interval."""
+    from memcontrol.metrics.intervals import wilson
+
+    ci = wilson(hits, n)
+    return "-" if not n else f"{ci.value:.0%} [{ci.low:.0%}, {ci.high:.0%}]"
 
 
 def main(argv=None) -> int:
@@ -150,13 +161,15 @@ def main(argv=None) -> int:
             truth, detected = scored[r["folder"]]
             pr = precision_recall(detected, truth)
             copied = f"{len({d for d in detected if d is not None})}/{n_patients}"
-            truth_cols = f"{sum(t is not None for t in truth)}/{len(truth)} | {pct(pr['precision'])} | " \
-                         f"{pct(pr['recall'])}"
+            truth_cols = f"{pr['true_copies']}/{len(truth)} | {rate(pr['true_positives'], pr['detected'])} | " \
+                         f"{rate(pr['true_positives'], pr['true_copies'])}"
         else:
             copied, truth_cols = "-", "- | - | -"
         print(f"| {label} | {num(r, 'copy_fraction', '.0%')} | {copied} | "
               f"{num(r, 'mean_similarity', '.3f')} | {num(r, 'fd', '.3f')} | {num(r, 'kid', '.2g')} | "
               f"{num(r, 'trainable_percent', '.2f')} | {r['steps']}/{r['step_budget']} | {truth_cols} |")
+    print("[95% intervals: Wilson for rates; bootstrap over the generated samples, the reference images fixed, "
+          "for the others]")
     print()
     for ratio, by_run in scored_by_ratio.items():
         truth = [t for tr, _ in by_run.values() for t in tr]
@@ -164,8 +177,8 @@ def main(argv=None) -> int:
         pooled = precision_recall(detected, truth)
         print(f"detector against the truth (distance ratio {ratio:.2f}), pooled over {len(by_run)} evaluated runs "
               f"({len(truth)} samples): {pooled['true_copies']} true copies, {pooled['detected']} detected, "
-              f"{pooled['true_positives']} right; precision {pct(pooled['precision'])}, "
-              f"recall {pct(pooled['recall'])}")
+              f"{pooled['true_positives']} right; precision {rate(pooled['true_positives'], pooled['detected'])}, "
+              f"recall {rate(pooled['true_positives'], pooled['true_copies'])}")
     return 0
 
 

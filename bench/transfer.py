@@ -6,7 +6,8 @@
 Runs the commands written in `configs/transfer_brain.yaml`: `memcontrol finetune` with the transferred mask and
 with `configs/masks/full_unet.json` (same data, steps, batch and learning rate), then `memcontrol audit` of each
 against the held-out brain patients. Prints copy rate (VAE features, tau calibrated on the held-out set), mean
-nearest-neighbour similarity, FD and KID, trainable share and training time of both.
+nearest-neighbour similarity, FD and KID, each with its 95% interval (the audit's: Wilson for the copy rate,
+bootstrap over generated samples for the others), trainable share and training time of both.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 BRAIN = REPO / "data" / "hospital"
 
 
@@ -32,6 +34,8 @@ def main(argv=None) -> int:
     ap.add_argument("--config", type=Path, default=REPO / "configs" / "transfer_brain.yaml")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
+    from memcontrol.metrics.intervals import format_interval
+
     out = args.out or Path(tempfile.mkdtemp(prefix="memcontrol-transfer-"))
     masks = {"transferred mask": args.mask.resolve(), "full fine-tuning": REPO / "configs" / "masks" / "full_unet.json"}
     rows = []
@@ -49,9 +53,14 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|---|")
     for label, card, audit in rows:
         s = audit["summary"]
-        print(f"| {label} | {s['copy_fraction[vae]']:.0%} | {s['mean_similarity[vae]']:.3f} | {s['FD[vae]']:.3f} | "
-              f"{s['KID']:.2g} | {card['adapter']['trainable_percent']:.1f} | {card['result']['seconds']:.0f} s | "
-              f"{audit['counts']['samples']} |")
+
+        def ci(name: str, spec: str) -> str:
+            return format_interval(s[name], s.get(f"{name}_ci_low"), s.get(f"{name}_ci_high"), spec)
+
+        print(f"| {label} | {ci('copy_fraction[vae]', '.2f')} | {ci('mean_similarity[vae]', '.3f')} | "
+              f"{ci('FD[vae]', '.3f')} | {ci('KID', '.2g')} | {card['adapter']['trainable_percent']:.1f} | "
+              f"{card['result']['seconds']:.0f} s | {audit['counts']['samples']} |")
+    print("[95% intervals: Wilson for the copy rate, bootstrap over the generated samples for the others]")
     return 0
 
 

@@ -35,7 +35,7 @@ from .config import load_config, merge, resolve_path, section
 from .errors import ConfigError, DataError, MissingWeightsError
 from .metrics import (build_embedder, cached_embed, copy_detection, distance_ratio, extraction,
                       nearest_neighbours, noise_norm, quality_report, tiled_l2)
-from .metrics.intervals import bootstrap_indices, interval, resampled_mean
+from .metrics.intervals import bootstrap_indices, format_interval, interval, resampled_mean
 from .metrics.memorization import DEFAULT_DELTA, DEFAULT_TAU, RATIO_THRESHOLD
 from .report import HtmlReport, histogram_figure, pairs_figure, save_figure
 from .sampling import generate_samples
@@ -208,11 +208,6 @@ def _auc(positive, negative) -> float | None:
         return None
     greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
     return float(greater / (len(pos) * len(neg)))
-
-
-def _interval_text(summary: dict, name: str) -> str:
-    low, high = summary.get(f"{name}_ci_low"), summary.get(f"{name}_ci_high")
-    return "" if low is None or high is None else f"[{low:.4g}, {high:.4g}]"
 
 
 def _strip_samples(result: dict) -> dict:
@@ -556,8 +551,9 @@ class Audit:
                    f"{metrics['counts']['heldout_images']} held-out images. Created {metrics['created']}.")
         r.add_heading("Summary")
         summary = metrics["summary"]
-        r.add_table([{"measure": k, "value": v, "95% interval": _interval_text(summary, k)}
-                     for k, v in summary.items() if not k.endswith(("_ci_low", "_ci_high"))])
+        r.add_table([{"measure": k, "value [95% interval]": format_interval(
+            v, summary.get(f"{k}_ci_low"), summary.get(f"{k}_ci_high"))}
+            for k, v in summary.items() if not k.endswith(("_ci_low", "_ci_high"))])
         r.add_text("95% intervals: Wilson intervals for fractions; for the other figures, a bootstrap over the "
                    "generated samples (over sampling seeds, then samples within them), the training and held-out "
                    "images fixed. Two audits whose intervals overlap are not shown apart by these samples.")

@@ -79,7 +79,9 @@ def test_the_benchmark_scores_the_run_against_the_truth(quick_run):
     assert done.returncode == 0, done.stderr
     table = [line for line in done.stdout.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + 3 + 1 + 1  # header, three baselines, the selected trial, the un-tuned base model
-    assert "(selected)" in table[-2] and table[-1].startswith("| base model, not fine-tuned | 0% |")
+    assert "(selected)" in table[-2] and table[-1].startswith("| base model, not fine-tuned | 0% [0%, ")
+    # Every figure with its 95% interval: copy rate, mean similarity, FD, KID of each run.
+    assert all(row.count(" [") >= 4 for row in table[1:])
     complete = sum(r["state"] == "complete" for r in csv.DictReader(open(quick_run["out"] / "trials.csv")))
     for ratio in ("0.67", "0.50"):
         assert f"detector against the truth (distance ratio {ratio}), pooled over {complete} evaluated runs" \

@@ -45,7 +45,17 @@ class Interval:
         return not (self.low <= x <= self.high)
 
     def __str__(self) -> str:
-        return f"{self.value:.4g} [{self.low:.4g}, {self.high:.4g}]"
+        return format_interval(self.value, self.low, self.high)
+
+
+def format_interval(value, low=None, high=None, spec: str = ".4g") -> str:
+    """"0.653 [0.641, 0.665]"; the bare value where no interval was recorded, "-" where no value."""
+    def text(x):
+        return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(float(x), spec)
+
+    if low is None or high is None:
+        return text(value)
+    return f"{text(value)} [{text(low)}, {text(high)}]"
 
 
 def wilson(successes: int, n: int, level: float = LEVEL) -> Interval:

@@ -141,12 +141,11 @@ def fmt(value, spec=".4g") -> str:
 
 
 def fmt_ci(row: Row, name: str, spec=".4g") -> str:
-    """A figure with its 95% interval, "0.653 [0.641, 0.665]"; the bare figure where no interval was recorded."""
+    """A figure with its 95% interval, "0.653 [0.641, 0.665]"."""
+    from ..metrics.intervals import format_interval
+
     value = getattr(row, name) if name in ("memorization", "quality") else row.get(name)
-    low, high = row.get(f"{name}_ci_low"), row.get(f"{name}_ci_high")
-    if value is None or low is None or high is None:
-        return fmt(value, spec)
-    return f"{fmt(value, spec)} [{fmt(low, spec)}, {fmt(high, spec)}]"
+    return format_interval(value, row.get(f"{name}_ci_low"), row.get(f"{name}_ci_high"), spec)
 
 
 def comparison_rows(results: Results) -> list[Row]:
