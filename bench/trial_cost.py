@@ -140,7 +140,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=4)
     parser.add_argument("--steps", type=int, default=60, help="training steps per trial")
-    parser.add_argument("--prompts", type=int, default=16, help="memorization and quality samples per trial (one per training, one per held-out caption)")
+    parser.add_argument("--prompts", type=int, default=16,
+                        help="memorization and quality samples per trial (one per training, one per held-out caption)")
     parser.add_argument("--sample-steps", type=int, default=20, help="sampling steps of our loop")
     parser.add_argument("--max-ratio", type=float, default=1.5, help="early stop: probe noise norm / base model's")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1")

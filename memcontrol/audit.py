@@ -309,7 +309,8 @@ class Audit:
             result = copy_detection(gen_feats, train_feats, self.train.keys, tau=float("inf") if tau is None
                                     else float(tau), indices=self.resamples)
             if tau is None:
-                result.update(tau=None, copies=None, fraction=None, attribution=[])
+                result.update(tau=None, copies=None, fraction=None, fraction_ci_low=None, fraction_ci_high=None,
+                              attribution=[])
             result["tau_source"] = source
             self._record_copies(name, result, held_sims)
 

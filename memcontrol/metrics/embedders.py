@@ -3,8 +3,8 @@
 Every embedder takes float images N x 3 x H x W in [-1, 1] (Stable Diffusion's convention), runs in batches with a
 progress bar, and returns an N x D float32 matrix of the network's features, not normalised: the Fréchet distance
 and KID must see the features themselves (normalising rows changes what they measure), and cosine similarity
-normalises where it is taken (``nearest_neighbours``). Weights always come from local files: a missing file is a ``MissingWeightsError`` naming the file and the
-option to pass; nothing is downloaded.
+normalises where it is taken (``nearest_neighbours``). Weights always come from local files: a missing file is a
+``MissingWeightsError`` naming the file and the option to pass; nothing is downloaded.
 
 Kinds (the ``type`` of a spec given to ``build_embedder``):
   pixels       raw pixels, optionally area-downsampled to ``size`` x ``size``

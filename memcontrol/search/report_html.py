@@ -81,7 +81,8 @@ def write_report(settings: SearchSettings, results: Results, path: Path) -> Path
     if chosen is not None:
         rep.add_heading("Chosen candidate")
         rep.add_text(f"{chosen.label}: {results.selection.explanation}. Memorization "
-                     f"{fmt_ci(chosen, 'memorization')}, quality {fmt_ci(chosen, 'quality')}, {chosen.get('family')} on {chosen.get('n_sites')} site(s), "
+                     f"{fmt_ci(chosen, 'memorization')}, quality {fmt_ci(chosen, 'quality')}, "
+                     f"{chosen.get('family')} on {chosen.get('n_sites')} site(s), "
                      f"{fmt(chosen.get('trainable_percent'), '.3f')}% of the UNet trainable. Exported to "
                      f"{settings.out_dir / 'best'}.")
         candidate = _folder(settings, chosen) / "candidate.json"
