@@ -1,4 +1,5 @@
 import pickle
+import zipfile
 
 import pytest
 import torch
@@ -36,12 +37,22 @@ class _Payload:
         return (open, (self.target, "w"))
 
 
+def _write_plain_pickle(obj, path):
+    with open(path, "wb") as fh:
+        pickle.dump(obj, fh)
+
+
+def _write_torch_zip(obj, path):
+    torch.save(obj, path)  # the zip container torch.save writes by default, with a data.pkl inside
+    assert zipfile.is_zipfile(path)
+
+
 @pytest.mark.parametrize("suffix", [".bin", ".pt"])
-def test_pickle_payload_is_refused_and_never_runs(tmp_path, suffix):
+@pytest.mark.parametrize("write", [_write_plain_pickle, _write_torch_zip], ids=["pickle", "torch-zip"])
+def test_pickle_payload_is_refused_and_never_runs(tmp_path, suffix, write):
     target = tmp_path / "pwned.txt"
     ckpt = tmp_path / f"evil{suffix}"
-    with open(ckpt, "wb") as fh:
-        pickle.dump({"weight": _Payload(str(target))}, fh)
+    write({"weight": _Payload(str(target))}, ckpt)
     with pytest.raises(UnsafeCheckpointError, match="refused"):
         load_state_dict(ckpt)
     assert not target.exists()
