@@ -14,6 +14,10 @@ from memcontrol.training import TrainConfig, finetune, pipeline_with_unet
 
 CFG = TrainConfig(steps=2, batch_size=2, lr=5e-2, caption_dropout=0.0, seed=3)
 PROMPTS = ["small nodule left upper zone", "pleural effusion right lower zone"]
+# A reloaded adapter computes the same function in other objects, whose kernels may take other SIMD paths on other
+# CPUs (about 1e-6 per UNet call); the adapters trained here move the images by 0.47 to 1.0 (pixels in [0, 1]), so
+# a lost or mis-scaled weight shows far above this tolerance.
+ROUND_TRIP_ATOL = 1e-4
 
 
 def _sample(pipe) -> np.ndarray:
@@ -48,8 +52,8 @@ def test_lora_loads_in_plain_diffusers(tiny_pipe, tiny_pipe_dir, tiny_cached, tm
     base = _sample(fresh)
     fresh.load_lora_weights(str(tmp_path))
     reloaded = _sample(fresh)
-    assert np.abs(reloaded - trained).max() < 1e-6
-    assert np.abs(base - trained).max() > 1e-3  # the adapter did change the model
+    assert np.abs(reloaded - trained).max() < ROUND_TRIP_ATOL
+    assert np.abs(base - trained).max() > 100 * ROUND_TRIP_ATOL  # the adapter did change the model
     assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
 
 
@@ -61,8 +65,8 @@ def test_other_families_round_trip(tiny_pipe, tiny_pipe_dir, tiny_cached, tmp_pa
     fresh = load_pipeline(tiny_pipe_dir)
     base = _sample(fresh)
     load_adapter(fresh, tmp_path)
-    assert np.abs(_sample(fresh) - trained).max() < 1e-6
-    assert np.abs(base - trained).max() > 1e-4
+    assert np.abs(_sample(fresh) - trained).max() < ROUND_TRIP_ATOL
+    assert np.abs(base - trained).max() > 100 * ROUND_TRIP_ATOL  # the adapter did change the model
     if family in ("bitfit_norm", "unfreeze"):
         from safetensors.torch import load_file
 
