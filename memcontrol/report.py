@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -60,11 +61,19 @@ def figure_png(fig) -> bytes:
     return buf.getvalue()
 
 
-def save_figure(fig, path: str | Path) -> Path:
+def write_atomically(path: str | Path, data: bytes) -> Path:
+    """Write through a temporary file and one rename: a reader, or another process writing the same report (two
+    machines finalizing one run folder), never sees a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(figure_png(fig))
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    tmp.replace(path)
     return path
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    return write_atomically(path, figure_png(fig))
 
 
 class HtmlReport:
@@ -126,10 +135,7 @@ class HtmlReport:
                 f"<body><h1>{html.escape(self.title)}</h1>\n{body}\n</body></html>\n")
 
     def write(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.render(), encoding="utf-8")
-        return path
+        return write_atomically(path, self.render().encode("utf-8"))
 
 
 def to_display(image) -> np.ndarray:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import optuna
+import pytest
 from optuna.trial import TrialState
 
 from fixtures_search import cheap_search_config, write_config
@@ -82,9 +83,9 @@ def test_sigkill_mid_trial_then_resume(tmp_path, tiny_pipe_dir, search_data):
     assert after[0].values == before[0].values and after[0].datetime_complete == before[0].datetime_complete
     assert (out / "trials" / "0" / "metrics.json").stat().st_mtime_ns == finished
     # The interrupted trial is marked, and repeated with the same parameters.
-    assert after[1].state == TrialState.FAIL and after[1].user_attrs[st.ATTR_INTERRUPTED]
+    assert after[1].state == TrialState.FAIL and st.is_interrupted(after[1])
     assert "interrupted" in after[1].user_attrs[st.ATTR_REASON]
-    retry = [t for t in after if t.user_attrs.get(st.ATTR_RETRY_OF) == 1]
+    retry = [t for t in after if st.retried_from(t) == 1]
     assert len(retry) == 1 and retry[0].params == before[1].params and retry[0].state == TrialState.COMPLETE
     assert sum(t.state == TrialState.COMPLETE for t in after) == 3 and len(after) == 4
     _check_recorded_once(_study(url), [out], 3)
@@ -129,3 +130,62 @@ def test_two_workers_one_journal_file(tmp_path, tiny_pipe_dir, search_data):
 
 def test_two_workers_one_postgresql_database(tmp_path, tiny_pipe_dir, search_data, postgres_url):
     _two_workers("postgresql", lambda d: postgres_url, tmp_path, tiny_pipe_dir, search_data)
+
+
+def _running_victim(study: optuna.Study, out: Path) -> optuna.trial.FrozenTrial | None:
+    """A trial in the middle of training (its mask written, no metrics yet) while another trial has finished."""
+    trials = study.get_trials()
+    if not any(t.state == TrialState.COMPLETE for t in trials):
+        return None
+    for t in trials:
+        folder = out / "trials" / str(t.number)
+        if (t.state == TrialState.RUNNING and st.ATTR_WORKER in t.user_attrs and (folder / "mask.json").is_file()
+                and not (folder / "metrics.json").exists()):
+            return t
+    return None
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_sigkill_one_of_two_workers_mid_trial(kind, tmp_path, tiny_pipe_dir, search_data):
+    """Two workers on one study (as on two machines); one is killed in the middle of a trial. The other finishes
+    the study: no finished trial is lost, and the killed trial is run again exactly once, with its parameters."""
+    cfg = write_config(tmp_path / "search.yaml", cheap_search_config(
+        tiny_pipe_dir, search_data, train={"steps": 20}, search={"n_trials": 4}))
+    out = tmp_path / "run"
+    url = f"sqlite:///{out / 'study.db'}" if kind == "sqlite" else f"journal:{out / 'study.log'}"
+    procs = [subprocess.Popen(_command(cfg, out, "--storage", url), env=_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    try:
+        deadline, victim, study = time.monotonic() + 240, None, None
+        while victim is None:
+            assert all(p.poll() is None for p in procs), "a worker ended before the kill"
+            assert time.monotonic() < deadline, "no trial was caught in the middle of training"
+            time.sleep(0.05)
+            try:
+                study = study or _study(url)
+            except (KeyError, st.MemcontrolError):  # the study is not created yet
+                continue
+            victim = _running_victim(study, out)
+        before = {t.number: t.values for t in study.get_trials() if t.state == TrialState.COMPLETE}
+        pid = int(victim.user_attrs[st.ATTR_WORKER].rpartition(":")[2])
+        killed = next(p for p in procs if p.pid == pid)
+        os.kill(pid, signal.SIGKILL)
+        killed.wait()
+        survivor = next(p for p in procs if p is not killed)
+        output, _ = survivor.communicate(timeout=300)
+        assert survivor.returncode == 0, output
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert not (out / "trials" / str(victim.number) / "metrics.json").exists(), "the victim finished before the kill"
+
+    after = _study(url).get_trials()
+    assert {n: after[n].values for n in before} == before and all(
+        after[n].state == TrialState.COMPLETE for n in before)  # nothing finished is lost
+    assert [t.number for t in after if st.is_interrupted(t)] == [victim.number]
+    retries = [t for t in after if st.retried_from(t) == victim.number]
+    assert len(retries) == 1 and retries[0].params == victim.params and retries[0].state == TrialState.COMPLETE
+    _check_recorded_once(_study(url), [out], 4)
+    assert (out / "report.html").is_file()

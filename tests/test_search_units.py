@@ -78,48 +78,94 @@ def _dead_pid() -> int:
     return proc.pid
 
 
+def _claim(study, trial, pid: int, pid_space: str | None, heartbeat: float | None = None) -> None:
+    """Mark a running trial as a worker would: its process, where that pid means something, a heartbeat."""
+    storage = study._storage
+    storage.set_trial_user_attr(trial._trial_id, st.ATTR_WORKER, f"{st.socket.gethostname()}:{pid}")
+    if pid_space is not None:
+        storage.set_trial_user_attr(trial._trial_id, st.ATTR_PID_SPACE, pid_space)
+    if st.has_optuna_heartbeat(storage):
+        storage.record_heartbeat(trial._trial_id)
+    else:
+        storage.set_trial_user_attr(trial._trial_id, st.ATTR_HEARTBEAT, time.time() if heartbeat is None else heartbeat)
+
+
+LONG = st.Recovery(heartbeat_s=60, grace_s=3600, max_attempts=2)
+
+
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
 def test_trial_of_dead_worker_is_failed_and_queued_again(kind, tmp_path):
-    study, _ = st.open_study(st.open_storage(_storages(tmp_path)[kind]), "s")
+    study, _ = st.open_study(st.open_storage(_storages(tmp_path)[kind], LONG), "s")
     done = study.ask()
     done.suggest_float("lr", 1e-5, 1e-3, log=True)
     study.tell(done, [0.1, 0.2])
     dead = study.ask()
     lr = dead.suggest_float("lr", 1e-5, 1e-3, log=True)
-    study._storage.set_trial_user_attr(dead._trial_id, st.ATTR_WORKER, f"{st.socket.gethostname()}:{_dead_pid()}")
-    study._storage.set_trial_user_attr(dead._trial_id, st.ATTR_HEARTBEAT, time.time())
+    _claim(study, dead, _dead_pid(), st.pid_space())
     alive = study.ask()  # a running trial of a live worker (this process) is left alone
     alive.suggest_float("lr", 1e-5, 1e-3, log=True)
-    study._storage.set_trial_user_attr(alive._trial_id, st.ATTR_WORKER, st.worker_id())
-    study._storage.set_trial_user_attr(alive._trial_id, st.ATTR_HEARTBEAT, time.time())
+    _claim(study, alive, st.os.getpid(), st.pid_space())
 
     assert st.budget_used(study) == 3
-    assert st.reclaim_stale_trials(study, grace_s=3600, max_attempts=2) == [dead.number]
-    assert st.reclaim_stale_trials(study, grace_s=3600, max_attempts=2) == []  # not twice
+    assert st.reclaim_stale_trials(study, LONG) == [dead.number]  # at once, long before the grace period
+    assert st.reclaim_stale_trials(study, LONG) == []  # not twice
     trials = study.get_trials()
-    assert trials[dead.number].state == TrialState.FAIL
-    assert trials[dead.number].user_attrs[st.ATTR_INTERRUPTED] is True
+    assert trials[dead.number].state == TrialState.FAIL and st.is_interrupted(trials[dead.number])
     assert "interrupted" in trials[dead.number].user_attrs[st.ATTR_REASON]
     assert trials[alive.number].state == TrialState.RUNNING
     assert st.budget_used(study) == 2  # the interrupted one does not count
 
     retry = study.ask()  # the queued copy comes first, with the same parameters
     assert retry.suggest_float("lr", 1e-5, 1e-3, log=True) == lr
-    assert study.get_trials()[retry.number].user_attrs[st.ATTR_RETRY_OF] == dead.number
+    assert st.retried_from(study.get_trials()[retry.number]) == dead.number
+    assert st.ATTR_INTERRUPTED not in study.get_trials()[retry.number].user_attrs  # it starts afresh
     # Its worker dies too: after max_attempts it is not queued a third time.
-    study._storage.set_trial_user_attr(retry._trial_id, st.ATTR_WORKER, f"{st.socket.gethostname()}:{_dead_pid()}")
-    assert st.reclaim_stale_trials(study, grace_s=3600, max_attempts=2) == [retry.number]
+    _claim(study, retry, _dead_pid(), st.pid_space())
+    assert st.reclaim_stale_trials(study, LONG) == [retry.number]
     assert not study.get_trials(states=(TrialState.WAITING,))
 
 
-def test_silent_foreign_worker_is_stale_after_grace(tmp_path):
-    study, _ = st.open_study(st.open_storage(f"sqlite:///{tmp_path}/s.db"), "s")
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_a_pid_from_another_pid_namespace_is_not_checked(kind, tmp_path):
+    """Containers share host names across PID namespaces: a pid that is dead here may be a live worker there."""
+    study, _ = st.open_study(st.open_storage(_storages(tmp_path)[kind], LONG), "s")
     trial = study.ask()
-    study._storage.set_trial_user_attr(trial._trial_id, st.ATTR_WORKER, "other-machine:12345")
-    study._storage.set_trial_user_attr(trial._trial_id, st.ATTR_HEARTBEAT, time.time() - 100)
+    _claim(study, trial, _dead_pid(), "another-boot/4026531836")
+    assert st.reclaim_stale_trials(study, LONG) == []
+    _claim(study, trial, _dead_pid(), None)  # a worker that could not say where its pid lives: same answer
+    assert st.reclaim_stale_trials(study, LONG) == []
+    assert study.get_trials()[0].state == TrialState.RUNNING
+
+
+def test_silent_foreign_worker_is_stale_after_grace_on_the_journal(tmp_path):
+    study, _ = st.open_study(st.open_storage(f"journal:{tmp_path}/s.log"), "s")
+    trial = study.ask()
+    _claim(study, trial, 12345, "another-boot/1", heartbeat=time.time() - 100)
     frozen = study.get_trials()[0]
-    assert not st.is_stale(frozen, grace_s=300)
-    assert st.is_stale(frozen, grace_s=60)
+    assert not st.heartbeat_lost(frozen, grace_s=300)
+    assert st.heartbeat_lost(frozen, grace_s=60)
+    assert st.reclaim_stale_trials(study, st.Recovery(heartbeat_s=10, grace_s=60)) == [trial.number]
+
+
+def test_sql_storages_use_optunas_heartbeat_and_retry(tmp_path):
+    recovery = st.Recovery(heartbeat_s=1, grace_s=2, max_attempts=2)
+    study, _ = st.open_study(st.open_storage(f"sqlite:///{tmp_path}/s.db", recovery), "s")
+    silent = study.ask()
+    lr = silent.suggest_float("lr", 1e-5, 1e-3, log=True)
+    _claim(study, silent, 12345, "another-boot/1")  # one beat, then silence (a lost machine)
+    beating = study.ask()
+    beating.suggest_float("lr", 1e-5, 1e-3, log=True)
+    with st.Heartbeat(study, beating, recovery.heartbeat_s):
+        assert st.reclaim_stale_trials(study, recovery) == []
+        time.sleep(3.5)  # past the 2 s grace period: Optuna's own check finds the silent trial
+        assert st.reclaim_stale_trials(study, recovery) == [silent.number]
+    trials = study.get_trials()
+    assert trials[silent.number].state == TrialState.FAIL and st.is_interrupted(trials[silent.number])
+    assert not st.is_evaluated(trials[silent.number])
+    assert trials[beating.number].state == TrialState.RUNNING
+    retry = study.ask()
+    assert retry.suggest_float("lr", 1e-5, 1e-3, log=True) == lr
+    assert st.retried_from(study.get_trials()[retry.number]) == silent.number
 
 
 def test_heartbeat_claims_and_refreshes(tmp_path):

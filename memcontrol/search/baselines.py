@@ -26,7 +26,7 @@ def queue_baselines(bstudy: optuna.Study, methods: list[str], max_attempts: int)
     present, interrupted = set(), {}
     for t in bstudy.get_trials(deepcopy=False):
         name = t.user_attrs.get(BASELINE_ATTR)
-        if t.state == TrialState.FAIL and t.user_attrs.get(st.ATTR_INTERRUPTED):
+        if st.is_interrupted(t):
             interrupted[name] = interrupted.get(name, 0) + 1
         else:
             present.add(name)

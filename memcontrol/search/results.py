@@ -41,7 +41,7 @@ class Row:
 
 
 def _state(trial: FrozenTrial) -> str:
-    if trial.state == TrialState.FAIL and trial.user_attrs.get(st.ATTR_INTERRUPTED):
+    if st.is_interrupted(trial):
         return "interrupted"
     return {TrialState.COMPLETE: "complete", TrialState.PRUNED: "stopped", TrialState.FAIL: "failed",
             TrialState.RUNNING: "running", TrialState.WAITING: "waiting"}[trial.state]

@@ -22,7 +22,7 @@ from . import study as st
 from .baselines import queue_baselines
 from .results import Results, collect
 from .settings import SearchSettings
-from .worker import run_worker, trial_dir
+from .worker import open_search_storage, run_worker, trial_dir
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class SearchOutputs:
 def prepare_studies(settings: SearchSettings) -> None:
     """Create the studies on first use (queueing baselines and user candidates once), or check that the stored
     ones were made with this configuration."""
-    storage = st.open_storage(settings.storage_url)
+    storage = open_search_storage(settings)
     study, created = st.open_study(storage, settings.study_name, fingerprint_sections=settings.fingerprint_sections())
     if created:
         for params in settings.search["enqueue"] or []:
@@ -60,14 +60,14 @@ def prepare_studies(settings: SearchSettings) -> None:
 
 
 def work_left(settings: SearchSettings) -> bool:
-    storage = st.open_storage(settings.storage_url)
+    storage = open_search_storage(settings)
     study = optuna.load_study(storage=storage, study_name=settings.study_name)
-    st.reclaim_stale_trials(study, settings.search["grace_s"], settings.search["max_attempts"])
+    st.reclaim_stale_trials(study, st.Recovery.from_search(settings.search))
     if st.budget_used(study) < settings.n_trials:
         return True
     if settings.baselines["enabled"]:
         bstudy = optuna.load_study(storage=storage, study_name=settings.baseline_study_name)
-        st.reclaim_stale_trials(bstudy, settings.search["grace_s"], settings.search["max_attempts"])
+        st.reclaim_stale_trials(bstudy, st.Recovery.from_search(settings.search))
         return bool(bstudy.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
     return False
 
@@ -142,13 +142,16 @@ def export_best(settings: SearchSettings, results: Results) -> Path | None:
         "memorization": chosen.memorization, "quality": chosen.quality,
         "memorization_metric": settings.memorization_metric, "quality_metric": settings.quality_metric,
         "params": chosen.params, "pareto_front": [r.number for r in results.front]}, indent=2) + "\n")
-    # Swap in the new export; a worker on another machine finishing at the same time may do the same.
+    # Swap in the new export. Another machine may be finalizing the same folder at this moment: each step is one
+    # rename that either wins or finds the other's result in place, never a check followed by an act.
     old = best.with_name(f"{BEST_DIR}.old{os.getpid()}")
-    if best.exists():
+    try:
         best.rename(old)
+    except FileNotFoundError:
+        pass
     try:
         tmp.rename(best)
-    except OSError:
+    except OSError:  # the other finalizer's export took the place first: keep it
         shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(old, ignore_errors=True)
     return best
@@ -163,7 +166,7 @@ def retrain(settings: SearchSettings, number: int) -> Path:
     from .worker import bind_space
 
     log.info("the adapter of trial %d is not in this folder; training it again", number)
-    study = optuna.load_study(storage=st.open_storage(settings.storage_url), study_name=settings.study_name)
+    study = optuna.load_study(storage=open_search_storage(settings), study_name=settings.study_name)
     ctx = build_context(settings, pick_device(settings.model["device"], 0))
     candidate = bind_space(settings, ctx.pipe.unet).sample(FixedTrial(study.trials[number].params))
     folder = settings.out_dir / "retrained" / str(number)
@@ -179,7 +182,7 @@ def finalize(settings: SearchSettings) -> SearchOutputs:
     from .report import comparison_table, plot_front_html, plot_front_png, write_csv
     from .report_html import write_report
 
-    results = collect(settings, st.open_storage(settings.storage_url))
+    results = collect(settings, open_search_storage(settings))
     out = settings.out_dir
     write_csv(results.front, out / "pareto.csv")
     write_csv(results.baselines + results.trials, out / "trials.csv")

@@ -1,27 +1,35 @@
 """The Optuna side of the search: storage URLs, samplers, the trial budget, and recovery of interrupted trials.
 
 Several workers (processes, GPUs, machines) run one study by pointing at the same storage; there is no scheduler
-of our own. What makes that safe is here: every running trial carries the worker that owns it and a heartbeat, so
-that a trial whose worker died (SIGKILL, out of memory, a lost machine) is marked failed and queued again with the
-same parameters, and the budget counts each evaluated trial once, whichever worker ran it.
+of our own. What makes that safe is here: every running trial has a heartbeat, so that a trial whose worker died
+(SIGKILL, out of memory, a lost machine) is marked failed and queued again with the same parameters, and the budget
+counts each evaluated trial once, whichever worker ran it. On SQL storages the heartbeat and the retry are Optuna's
+own (``RDBStorage(heartbeat_interval=...)``, ``RetryHeartbeatStaleTrialCallback``); the journal storage has no
+heartbeat, so there the trial records its own in a user attribute. A worker also notices at once a dead process in
+its own PID namespace, so that re-running a killed command does not wait out the grace period.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import re
 import socket
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from ..errors import ConfigError, MemcontrolError
@@ -33,16 +41,29 @@ SQLITE_SUFFIXES = {".db", ".sqlite", ".sqlite3"}
 JOURNAL_SUFFIXES = {".log", ".journal"}
 
 # User attributes the search writes on trials (visible as they are in optuna-dashboard).
-ATTR_WORKER = "worker"            # "host:pid" of the process running the trial
-ATTR_HEARTBEAT = "heartbeat"      # unix time of the owner's last sign of life
-ATTR_INTERRUPTED = "interrupted"  # the worker died; the trial was queued again
-ATTR_RETRY_OF = "retry_of"        # number of the interrupted trial this one repeats
-ATTR_ATTEMPT = "attempt"
+ATTR_WORKER = "worker"            # "host:pid" of the process running the trial (for people to read)
+ATTR_PID_SPACE = "pid_space"      # the kernel boot and PID namespace in which that pid means something
+ATTR_HEARTBEAT = "heartbeat"      # unix time of the owner's last sign of life (journal storage only)
+ATTR_INTERRUPTED = "interrupted"  # the worker died or was stopped; the trial was queued again
 ATTR_SURPLUS = "surplus"          # asked but not run (the budget was used by other workers)
 ATTR_STATUS = "status"            # ok | stopped | failed
 ATTR_REASON = "reason"
+RUN_ATTRS = (ATTR_WORKER, ATTR_PID_SPACE, ATTR_HEARTBEAT, ATTR_INTERRUPTED, ATTR_STATUS, ATTR_REASON)
 STUDY_ATTR_FINGERPRINT = "memcontrol_fingerprint"
 STUDY_ATTR_READY = "memcontrol_ready"
+
+
+# Workers ask and tell (one trial at a time, around a model loaded once) instead of Study.optimize, and keep the
+# heartbeat themselves (Heartbeat below): Optuna's reminder that its heartbeat assumes optimize() does not apply.
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+
+
+@contextlib.contextmanager
+def _quiet_experimental():
+    """Optuna marks its heartbeat and retry API experimental and warns at each use; we rely on it knowingly."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
 
 
 # --- storage -----------------------------------------------------------------------------------------------------
@@ -70,12 +91,29 @@ def resolve_storage_url(storage: str | None, out_dir: str | Path) -> str:
                       f"journal:FILE, or a path ending in {', '.join(sorted(SQLITE_SUFFIXES | JOURNAL_SUFFIXES))}")
 
 
-def open_storage(url: str, attempts: int = 4) -> optuna.storages.BaseStorage:
+@dataclass(frozen=True)
+class Recovery:
+    """How dead workers are found and their trials repeated: a heartbeat every ``heartbeat_s``, a trial is stale
+    after ``grace_s`` without one, and each trial is run at most ``max_attempts`` times."""
+    heartbeat_s: float = 30
+    grace_s: float = 300
+    max_attempts: int = 2
+
+    @classmethod
+    def from_search(cls, search: dict) -> "Recovery":
+        return cls(search["heartbeat_s"], search["grace_s"], search["max_attempts"])
+
+    def retry_callback(self) -> RetryHeartbeatStaleTrialCallback:
+        with _quiet_experimental():
+            return RetryHeartbeatStaleTrialCallback(max_retry=self.max_attempts - 1)
+
+
+def open_storage(url: str, recovery: Recovery = Recovery(), attempts: int = 4) -> optuna.storages.BaseStorage:
     """Open (and create if needed) the storage behind ``url``. Opening is retried a few times because workers
     started together race to create the same tables."""
     for attempt in range(attempts):
         try:
-            return _open_storage_once(url)
+            return _open_storage_once(url, recovery)
         except (MemcontrolError, ImportError):
             raise
         except Exception as err:  # noqa: BLE001 - the database driver's errors have no common base class
@@ -86,7 +124,7 @@ def open_storage(url: str, attempts: int = 4) -> optuna.storages.BaseStorage:
     raise AssertionError("unreachable")
 
 
-def _open_storage_once(url: str) -> optuna.storages.BaseStorage:
+def _open_storage_once(url: str, recovery: Recovery) -> optuna.storages.BaseStorage:
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
@@ -99,17 +137,24 @@ def _open_storage_once(url: str) -> optuna.storages.BaseStorage:
         if db and db != ":memory:":
             Path(db).parent.mkdir(parents=True, exist_ok=True)
         # Several processes write to one file: wait for the lock instead of failing at once.
-        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 120}})
+        return _rdb_storage(url, recovery, {"connect_args": {"timeout": 120}})
     if scheme.startswith(("postgresql", "postgres", "mysql")):
         if scheme in ("postgresql", "postgres"):
             url = "postgresql+" + _postgres_driver() + "://" + url.split("://", 1)[1]
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+            return _rdb_storage(url, recovery, {"pool_pre_ping": True})
         except ImportError as err:
             raise ConfigError(f"storage {hide_password(url)}: its database driver is not installed ({err}); "
                               "for PostgreSQL: pip install 'memcontrol[postgres]'") from None
     raise ConfigError(f"storage '{hide_password(url)}': unknown kind '{scheme}' "
                       "(use sqlite:///, postgresql://, mysql:// or journal:FILE)")
+
+
+def _rdb_storage(url: str, recovery: Recovery, engine_kwargs: dict) -> optuna.storages.RDBStorage:
+    with _quiet_experimental():  # the heartbeat arguments
+        return optuna.storages.RDBStorage(
+            url, engine_kwargs=engine_kwargs, heartbeat_interval=max(1, math.ceil(recovery.heartbeat_s)),
+            grace_period=max(1, math.ceil(recovery.grace_s)), heartbeat_stale_trial_callback=recovery.retry_callback())
 
 
 def _postgres_driver() -> str:
@@ -255,13 +300,28 @@ def wait_until_ready(study: optuna.Study, timeout_s: float = 60.0) -> bool:
 
 # --- budget and recovery ---------------------------------------------------------------------------------------------
 
+def is_interrupted(trial: FrozenTrial) -> bool:
+    """Failed because its worker died or was stopped, not because of the candidate: marked so by whoever gave it
+    back, or failed by Optuna's heartbeat before the worker could record an outcome (every trial that runs to its
+    end records ``status``)."""
+    if trial.state != TrialState.FAIL or trial.user_attrs.get(ATTR_SURPLUS):
+        return False
+    return bool(trial.user_attrs.get(ATTR_INTERRUPTED)) or ATTR_STATUS not in trial.user_attrs
+
+
+def retried_from(trial: FrozenTrial) -> int | None:
+    """The number of the interrupted trial that this one repeats (None for a first attempt)."""
+    with _quiet_experimental():
+        history = RetryHeartbeatStaleTrialCallback.retry_history(trial)
+    return history[-1] if history else None
+
+
 def is_evaluated(trial: FrozenTrial) -> bool:
-    """A trial that used its share of the budget: finished, stopped early, or failed on its own (a trial whose
-    worker died is not: it is queued again; nor is a surplus trial, never run)."""
+    """A trial that used its share of the budget: finished, stopped early, or failed on its own (an interrupted
+    trial is not: it is queued again; nor is a surplus trial, never run)."""
     if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
         return True
-    return trial.state == TrialState.FAIL and not (trial.user_attrs.get(ATTR_INTERRUPTED)
-                                                   or trial.user_attrs.get(ATTR_SURPLUS))
+    return trial.state == TrialState.FAIL and not is_interrupted(trial) and not trial.user_attrs.get(ATTR_SURPLUS)
 
 
 def discard_surplus(study: optuna.Study, trial: optuna.trial.Trial, why: str) -> None:
@@ -289,6 +349,16 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def pid_space() -> str | None:
+    """Where a pid names one process: this kernel boot and this PID namespace. Containers share host names (and
+    pids) across PID namespaces, so a host name alone does not say that a pid seen in a trial is ours to check."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}/{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:  # not Linux: no pid is checked, heartbeats alone decide
+        return None
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -299,31 +369,49 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def is_stale(trial: FrozenTrial, grace_s: float, now: float | None = None) -> bool:
-    """A running trial whose worker is gone: a dead process on this machine, or no heartbeat for ``grace_s``."""
-    if trial.state != TrialState.RUNNING:
-        return False
-    owner = str(trial.user_attrs.get(ATTR_WORKER, ""))
-    host, _, pid = owner.rpartition(":")
-    if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
-        return True
+def has_optuna_heartbeat(storage) -> bool:
+    return callable(getattr(storage, "get_heartbeat_interval", None)) and storage.get_heartbeat_interval() is not None
+
+
+def owner_is_dead(trial: FrozenTrial) -> bool:
+    """The trial's process is known dead: it ran in this PID namespace and its pid is gone."""
+    space = pid_space()
+    pid = str(trial.user_attrs.get(ATTR_WORKER, "")).rpartition(":")[2]
+    return (space is not None and trial.user_attrs.get(ATTR_PID_SPACE) == space and pid.isdigit()
+            and not _pid_alive(int(pid)))
+
+
+def heartbeat_lost(trial: FrozenTrial, grace_s: float, now: float | None = None) -> bool:
+    """No heartbeat attribute for ``grace_s`` (journal storage; a trial asked but not yet claimed is judged by its
+    start time)."""
     last = trial.user_attrs.get(ATTR_HEARTBEAT)
-    if last is None:  # asked but not yet claimed: judge by its start time
+    if last is None:
         last = trial.datetime_start.timestamp() if trial.datetime_start else None
     return last is not None and (time.time() if now is None else now) - float(last) > grace_s
 
 
-def reclaim_stale_trials(study: optuna.Study, grace_s: float, max_attempts: int) -> list[int]:
-    """Mark trials of dead workers failed (reason recorded) and queue each again with the same parameters, up to
-    ``max_attempts`` attempts. Returns the numbers of the reclaimed trials."""
-    return [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if is_stale(t, grace_s) and give_back(study, t, f"worker {t.user_attrs.get(ATTR_WORKER, '?')} stopped",
-                                                   max_attempts)]
+def reclaim_stale_trials(study: optuna.Study, recovery: Recovery) -> list[int]:
+    """Fail the running trials of dead workers and queue each again with the same parameters, up to
+    ``max_attempts`` runs of one trial. Returns the numbers of the trials failed here."""
+    storage = study._storage
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    optuna_beats = has_optuna_heartbeat(storage)
+    reclaimed = [t.number for t in running
+                 if (owner_is_dead(t) or (not optuna_beats and heartbeat_lost(t, recovery.grace_s)))
+                 and give_back(study, t, f"worker {t.user_attrs.get(ATTR_WORKER, '?')} stopped", recovery)]
+    if optuna_beats:
+        with _quiet_experimental():
+            optuna.storages.fail_stale_trials(study)
+        still = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        reclaimed += [t.number for t in running if t.number not in still and t.number not in reclaimed
+                      and is_interrupted(study.get_trials(deepcopy=False)[t.number])]
+    return reclaimed
 
 
-def give_back(study: optuna.Study, trial: FrozenTrial, why: str, max_attempts: int) -> bool:
+def give_back(study: optuna.Study, trial: FrozenTrial, why: str, recovery: Recovery) -> bool:
     """End a running trial that will not finish as interrupted (failed, not counted in the budget) and queue it
-    again. False when it had finished or another worker took it back first."""
+    again through Optuna's retry callback, as Optuna's heartbeat does. False when it had finished or another worker
+    took it back first."""
     storage = study._storage
     try:
         # Attributes first: a finished trial cannot be changed any more.
@@ -334,20 +422,21 @@ def give_back(study: optuna.Study, trial: FrozenTrial, why: str, max_attempts: i
             return False
     except optuna.exceptions.UpdateFinishedTrialError:
         return False
-    attempt = int(trial.user_attrs.get(ATTR_ATTEMPT, 1))
-    if attempt >= max_attempts:
-        log.warning("trial %d was interrupted %d times; not run again", trial.number, attempt)
-        return True
-    attrs = {k: v for k, v in trial.user_attrs.items()
-             if k not in (ATTR_WORKER, ATTR_HEARTBEAT, ATTR_INTERRUPTED, ATTR_STATUS, ATTR_REASON)}
-    attrs.update({ATTR_RETRY_OF: trial.number, ATTR_ATTEMPT: attempt + 1})
-    study.enqueue_trial(trial.params, user_attrs=attrs)
-    log.info("trial %d was interrupted (%s); queued again", trial.number, why)
+    failed = copy.deepcopy(storage.get_trial(trial._trial_id))  # storages may hand out their own record
+    # The copy inherits the user attributes: not those saying who ran it and how it ended.
+    failed.user_attrs = {k: v for k, v in failed.user_attrs.items() if k not in RUN_ATTRS}
+    before = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+    recovery.retry_callback()(study, failed)
+    if len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))) == before:
+        log.warning("trial %d was interrupted %d times; not run again", trial.number, recovery.max_attempts)
+    else:
+        log.info("trial %d was interrupted (%s); queued again", trial.number, why)
     return True
 
 
 class Heartbeat:
-    """Claims a running trial for this process and keeps its heartbeat fresh from a background thread."""
+    """Claims a running trial for this process and keeps its heartbeat fresh from a background thread: Optuna's
+    heartbeat where the storage has one, a user attribute otherwise."""
 
     def __init__(self, study: optuna.Study, trial: optuna.trial.Trial, interval_s: float):
         self.storage = study._storage
@@ -358,14 +447,23 @@ class Heartbeat:
 
     def __enter__(self):
         self.storage.set_trial_user_attr(self.trial_id, ATTR_WORKER, worker_id())
-        self.storage.set_trial_user_attr(self.trial_id, ATTR_HEARTBEAT, time.time())
+        space = pid_space()
+        if space is not None:
+            self.storage.set_trial_user_attr(self.trial_id, ATTR_PID_SPACE, space)
+        self._record()
         self._thread.start()
         return self
+
+    def _record(self) -> None:
+        if has_optuna_heartbeat(self.storage):
+            self.storage.record_heartbeat(self.trial_id)
+        else:
+            self.storage.set_trial_user_attr(self.trial_id, ATTR_HEARTBEAT, time.time())
 
     def _beat(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
-                self.storage.set_trial_user_attr(self.trial_id, ATTR_HEARTBEAT, time.time())
+                self._record()
             except optuna.exceptions.UpdateFinishedTrialError:
                 return
             except Exception as err:  # noqa: BLE001 - a missed beat must not kill the trial

@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 STATES = {OK: TrialState.COMPLETE, STOPPED: TrialState.PRUNED, FAILED: TrialState.FAIL}
 
 
+def open_search_storage(settings: SearchSettings) -> optuna.storages.BaseStorage:
+    return st.open_storage(settings.storage_url, st.Recovery.from_search(settings.search))
+
+
 def trial_dir(out_dir: Path, number: int) -> Path:
     return Path(out_dir) / "trials" / str(number)
 
@@ -68,7 +72,7 @@ def run_trial(study: optuna.Study, trial: optuna.trial.Trial, ctx: SearchContext
         except KeyboardInterrupt:
             # Ctrl-C: give the trial back to the study so that the next run repeats it.
             st.give_back(study, study.get_trials(deepcopy=False)[trial.number], "stopped by the user",
-                         settings.search["max_attempts"])
+                         st.Recovery.from_search(settings.search))
             raise
         record(trial, candidate, outcome, folder, settings)
     values = outcome.objectives if outcome.status == OK else None
@@ -100,13 +104,17 @@ def run_search_trials(study: optuna.Study, ctx: SearchContext, space: SearchSpac
         if deadline is not None and time.monotonic() > deadline:
             log.info("time limit reached; no new trials")
             break
-        st.reclaim_stale_trials(study, settings.search["grace_s"], settings.search["max_attempts"])
+        st.reclaim_stale_trials(study, st.Recovery.from_search(settings.search))
         if st.budget_used(study) >= settings.n_trials:
-            break
+            if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                break
+            # Other workers' trials are still running: wait, to take over any whose worker dies.
+            time.sleep(settings.search["heartbeat_s"])
+            continue
         trial = study.ask()
         if st.claimed_before(study, trial.number) >= settings.n_trials:
             st.discard_surplus(study, trial, "the budget was used by other workers")
-            break
+            continue
         st.reseed_for_trial(study.sampler, settings.search["seed"], trial.number)
         candidate = space.sample(trial)
         # A candidate with every switch off is a failed trial too: its mask is refused, at no cost.
@@ -124,7 +132,7 @@ def run_worker(settings: SearchSettings, worker_index: int = 0, progress: bool =
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     start = time.monotonic()
     deadline = start + settings.search["timeout"] if settings.search["timeout"] else None
-    storage = st.open_storage(settings.storage_url)
+    storage = open_search_storage(settings)
     device = pick_device(settings.model["device"], worker_index)
     ctx = build_context(settings, device, progress=progress)
     if on_ready is not None:
@@ -137,7 +145,7 @@ def run_worker(settings: SearchSettings, worker_index: int = 0, progress: bool =
     study = optuna.load_study(storage=storage, study_name=settings.study_name, sampler=sampler)
     if settings.baselines["enabled"]:
         bstudy = optuna.load_study(storage=storage, study_name=settings.baseline_study_name)
-        st.reclaim_stale_trials(bstudy, settings.search["grace_s"], settings.search["max_attempts"])
+        st.reclaim_stale_trials(bstudy, st.Recovery.from_search(settings.search))
         run_baselines(bstudy, ctx)
     log.info("searching: %s", space.describe())
     done = run_search_trials(study, ctx, space, deadline)
