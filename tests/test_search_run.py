@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -157,6 +158,25 @@ def test_rerun_recomputes_nothing(finished_search, capsys):
     assert {p: p.stat().st_mtime_ns for p in (out / "trials").glob("*/metrics.json")} == stamps
     assert [(t.number, t.state, t.values) for t in _load(out).get_trials()] == before
     assert "full fine-tuning" in printed and f"report: {out / 'report.html'}" in printed
+
+
+def test_finalize_on_two_machines_at_once_never_raises(finished_search):
+    """Two machines finishing one shared run folder at the same moment rebuild its outputs together: neither
+    fails, and the folder ends with a whole export and report."""
+    import subprocess
+    import sys
+
+    loop = f"from memcontrol.cli import main\nfor _ in range(10):\n    assert main({finished_search['argv']!r}) == 0\n"
+    procs = [subprocess.Popen([sys.executable, "-c", loop], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}) for _ in range(2)]
+    for p in procs:
+        output, _ = p.communicate(timeout=600)
+        assert p.returncode == 0, output[-3000:]
+    out = finished_search["out"]
+    selection = json.loads((out / "best" / "selection.json").read_text())
+    assert (out / "best" / "pytorch_lora_weights.safetensors").is_file() and "trial" in selection
+    assert "</html>" in (out / "report.html").read_text()
+    assert not list(out.glob("best.*")) and not list(out.glob(".*.tmp*"))  # no temporary left behind
 
 
 def test_export_trains_again_an_adapter_made_on_another_machine(finished_search):

@@ -9,6 +9,7 @@ import math
 import os
 from pathlib import Path
 
+from . import study as st
 from .results import Results, Row
 from .settings import SearchSettings
 
@@ -20,7 +21,7 @@ COLUMNS = ["kind", "number", "label", "state", "memorization", "memorization_ci_
            "n_sites", "lr", "trainable", "trainable_percent", "steps", "step_budget", "early_stopped",
            "train_seconds", "sample_seconds", "metric_seconds", "total_seconds"]
 TRAILING = ["reason", "folder"]
-SKIP_ATTRS = {"worker", "heartbeat", "status", "baseline", "interrupted", "retry_of", "attempt"}
+SKIP_ATTRS = {*st.RUN_ATTRS, "baseline"}
 
 
 def axis_names(settings: SearchSettings) -> tuple[str, str]:
