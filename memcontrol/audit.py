@@ -150,10 +150,10 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-def load_image_set(source, resolution: int, on_error: str, what: str) -> ImageSet:
+def load_image_set(source, resolution: int, on_error: str, what: str, salt: str) -> ImageSet:
     from .data import ImageCaptionDataset
 
-    ds = ImageCaptionDataset(source, resolution=resolution, channels=3, on_error=on_error)
+    ds = ImageCaptionDataset(source, resolution=resolution, channels=3, on_error=on_error, salt=salt)
     images = torch.stack([ds[i]["pixel_values"] for i in tqdm(range(len(ds)), desc=f"reading {what}",
                                                               unit="img", leave=False)])
     return ImageSet(images.float(), list(ds.captions), list(ds.keys), list(ds.skipped))
@@ -644,8 +644,11 @@ def run_audit(model, out_dir, manifest=None, heldout=None, prompts=None, adapter
     pipe = load_model(model, adapter, device, dtype)
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
     size = min(native, int(settings["analysis_resolution"] or native))
-    train = load_image_set(manifest, size, settings["on_error"], "training images") if manifest else None
-    held = load_image_set(heldout, size, settings["on_error"], "held-out images") if heldout else None
+    from .data import run_salt
+
+    salt = run_salt(out)
+    train = load_image_set(manifest, size, settings["on_error"], "training images", salt) if manifest else None
+    held = load_image_set(heldout, size, settings["on_error"], "held-out images", salt) if heldout else None
     prompt_list = read_prompts(prompts) if prompts else train.captions
     chosen = choose_prompts(prompt_list, settings["max_prompts"], int(settings["seed"]))
     inputs = {"model": str(model), "adapter": str(adapter) if adapter else None,

@@ -48,9 +48,9 @@ def _device(name: str) -> str:
     return name
 
 
-def _dataset(cfg: dict):
+def _dataset(cfg: dict, out: Path):
     from ..config import resolve_path, section
-    from ..data import ImageCaptionDataset
+    from ..data import ImageCaptionDataset, run_salt
     from ..errors import ConfigError
 
     data = section(cfg, "data")
@@ -65,7 +65,7 @@ def _dataset(cfg: dict):
         raise ConfigError(f"unknown data.train option(s) {sorted(unknown)}; known: {', '.join(DATASET_OPTIONS)}")
     options = {k: v for k, v in spec.items() if k != "source"}
     return ImageCaptionDataset(resolve_path(cfg, spec["source"]), resolution=int(data.get("resolution", 512)),
-                               **options)
+                               salt=run_salt(out), **options)
 
 
 def run(args) -> int:
@@ -94,7 +94,7 @@ def run(args) -> int:
 
     pipe = load_pipeline(resolve_path(cfg, model["path"]), device=device, dtype=getattr(torch, dtype_name),
                          option="model.path")
-    dataset = _dataset(cfg)
+    dataset = _dataset(cfg, out)
     skipped = getattr(dataset, "skipped", [])
     if skipped:
         log.warning("%d training item(s) skipped (first: %s: %s)", len(skipped), *skipped[0])

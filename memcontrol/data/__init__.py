@@ -5,12 +5,12 @@ from .dicom import DicomImage, is_dicom_file, patient_identifiers, read_dicom
 from .hospital import make_phantoms
 from .images import read_image
 from .inspection import ItemReport, inspect_paths
-from .manifest import Entry, read_entries
+from .manifest import Entry, pseudonym, read_entries, run_salt
 from .phantoms import describe_patient, patient_seeds, render_phantom, render_phantoms
 from .transforms import to_model_tensor
 
 __all__ = [
     "DicomImage", "Entry", "ImageCaptionDataset", "ItemReport", "describe_patient", "inspect_paths",
-    "is_dicom_file", "make_phantoms", "patient_identifiers", "patient_seeds", "read_dicom", "read_entries",
-    "read_image", "render_phantom", "render_phantoms", "to_model_tensor", "write_skipped",
+    "is_dicom_file", "make_phantoms", "patient_identifiers", "patient_seeds", "pseudonym", "read_dicom",
+    "read_entries", "read_image", "render_phantom", "render_phantoms", "run_salt", "to_model_tensor", "write_skipped",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -10,7 +11,7 @@ from tqdm import tqdm
 
 from ..errors import ConfigError, DataError
 from .images import read_image
-from .manifest import Entry, read_entries
+from .manifest import Entry, pseudonym, read_entries
 from .transforms import check_options, to_model_tensor
 
 ON_ERROR = ("fail", "skip")
@@ -22,12 +23,13 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     Every listed image is decoded once when the dataset is built, so that a bad file stops the run (or is
     skipped, with `on_error="skip"`) before any training starts rather than halfway through it. `skipped` lists
     `(path, problem)` for every item left out. The key is the manifest's `subject` column (or `key_column`), else
-    the file's stem: a pseudonymous identifier, never a DICOM patient tag.
+    the file's stem, never a DICOM patient tag. Hospitals often name exported files by MRN or accession number:
+    given a `salt` (jobs pass their run folder's, `run_salt`), keys taken from file names are pseudonymised.
     """
 
     def __init__(self, source, resolution: int = 64, channels: int = 3, image_column: str | None = None,
                  text_column: str | None = None, crop: str = "center", on_error: str = "fail",
-                 key_column: str | None = None, frame: int | None = None):
+                 key_column: str | None = None, frame: int | None = None, salt: str | None = None):
         check_options(resolution, channels, crop)
         check_on_error(on_error)
         self.source = Path(source)
@@ -35,6 +37,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         self.entries: list[Entry] = []
         self.skipped: list[tuple[str, str]] = []
         listed = read_entries(source, image_column, text_column, key_column, require_text=True)
+        if salt is not None:
+            listed = [replace(e, key=pseudonym(e.key, salt)) if e.key_from_name else e for e in listed]
         for entry in tqdm(listed, desc="checking images", unit="img"):
             try:
                 check_entry(entry, frame)

@@ -10,8 +10,12 @@ raise `DataError`.
 from __future__ import annotations
 
 import csv
+import hashlib
+import hmac
 import io
 import json
+import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +41,7 @@ class Entry:
     key: str
     origin: str  # where it was listed: "manifest.csv line 7", or the file itself
     problem: str | None = None
+    key_from_name: bool = False  # no key column: the key is the file's stem (which may be an MRN or accession no.)
 
     @property
     def where(self) -> str:
@@ -78,7 +83,7 @@ def scan_folder(folder: Path) -> list[Entry]:
         suffix = path.suffix.lower()
         if suffix in IMAGE_SUFFIXES or (not suffix and image_format(path) == "dicom"):
             caption, problem = _sidecar_caption(path)
-            entries.append(Entry(path, caption, path.stem, str(path), problem))
+            entries.append(Entry(path, caption, path.stem, str(path), problem, key_from_name=True))
     return entries
 
 
@@ -163,10 +168,37 @@ def _entry(source: Path, line: int, row: dict, problem: str | None, image_col: s
     if problem is None and text_col is not None:
         problem = _text_problem(caption, "caption")
     key = row.get(key_col) if key_col else None
-    if not isinstance(key, str) or not key.strip() or _has_surrogates(key):
+    from_name = not isinstance(key, str) or not key.strip() or _has_surrogates(key)
+    if from_name:
         key = Path(value.strip()).stem if isinstance(value, str) and not _has_surrogates(value) else origin
     return Entry(path, caption.strip() if isinstance(caption, str) and problem is None else None, key.strip(),
-                 origin, f"{problem} ({origin})" if problem else None)
+                 origin, f"{problem} ({origin})" if problem else None, key_from_name=from_name)
+
+
+SALT_FILE = "pseudonym_salt.txt"
+
+
+def pseudonym(name: str, salt: str) -> str:
+    """A key that stands for a file name without revealing it: a salted hash (HMAC-SHA256), stable for one salt.
+    Without the salt, a name cannot be confirmed by hashing candidate MRNs."""
+    return "id-" + hmac.new(salt.encode(), name.encode(), hashlib.sha256).hexdigest()[:16]
+
+
+def run_salt(run_dir: str | Path) -> str:
+    """The run folder's pseudonym salt, created on first use: resuming keeps the same pseudonyms, and several
+    processes starting together agree on one salt (the file appears whole, by one hard link, or not at all)."""
+    path = Path(run_dir) / SALT_FILE
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{SALT_FILE}.{os.getpid()}")
+        tmp.write_text(secrets.token_hex(16) + "\n")
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    return path.read_text().strip()
 
 
 def _text_problem(value, what: str) -> str | None:

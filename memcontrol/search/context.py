@@ -56,13 +56,14 @@ def spread(items: list, n: int) -> list:
     return [items[int(i * step)] for i in range(n)]
 
 
-def load_dataset(spec: dict, resolution: int, limit: int | None = None):
+def load_dataset(spec: dict, resolution: int, run_dir: Path, limit: int | None = None):
+    """A dataset of the search; keys that come from file names are pseudonymised with the run folder's salt."""
     from torch.utils.data import Subset
 
-    from ..data import ImageCaptionDataset
+    from ..data import ImageCaptionDataset, run_salt
 
     kwargs = {k: v for k, v in spec.items() if k != "source"}
-    dataset = ImageCaptionDataset(spec["source"], resolution=resolution, **kwargs)
+    dataset = ImageCaptionDataset(spec["source"], resolution=resolution, salt=run_salt(run_dir), **kwargs)
     if limit is not None and limit < len(dataset):
         subset = Subset(dataset, range(limit))
         subset.captions, subset.keys = dataset.captions[:limit], dataset.keys[:limit]
@@ -85,8 +86,8 @@ def build_context(settings: SearchSettings, device: str, progress: bool = True) 
     pipe = load_pipeline(settings.model["path"], device=device, dtype=DTYPES[settings.model["dtype"]],
                          option="model.path")
     data = settings.data
-    train_set = load_dataset(data["train"], data["resolution"], data["max_train"])
-    heldout = load_dataset(data["heldout"], data["resolution"])
+    train_set = load_dataset(data["train"], data["resolution"], settings.out_dir, data["max_train"])
+    heldout = load_dataset(data["heldout"], data["resolution"], settings.out_dir)
     cached = cache_training_data(pipe, train_set, Path(data["cache_dir"]), progress=progress)
     captions = list(train_set.captions)
     sample_prompts = spread(captions, settings.sampling["prompts"])

@@ -54,7 +54,8 @@ def copy_pairs_png(settings: SearchSettings, folder: Path) -> Path | None:
     neighbours = json.loads(path.read_text())
     order = sorted(range(len(neighbours)), key=lambda i: -neighbours[i]["similarity"])[:MAX_PAIRS]
     try:
-        train = load_dataset(settings.data["train"], settings.data["resolution"], settings.data["max_train"])
+        train = load_dataset(settings.data["train"], settings.data["resolution"], settings.out_dir,
+                             settings.data["max_train"])
     except Exception as err:  # noqa: BLE001 - the report is still useful without these pictures
         log.warning("copy pairs left out of the report: the training data cannot be read (%s)", err)
         return None
