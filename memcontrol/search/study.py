@@ -396,8 +396,11 @@ def reclaim_stale_trials(study: optuna.Study, recovery: Recovery) -> list[int]:
     storage = study._storage
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     optuna_beats = has_optuna_heartbeat(storage)
+    # Optuna's heartbeat starts when a worker claims the trial; one that died between asking and claiming is
+    # judged by the trial's start time, as on the journal.
     reclaimed = [t.number for t in running
-                 if (owner_is_dead(t) or (not optuna_beats and heartbeat_lost(t, recovery.grace_s)))
+                 if (owner_is_dead(t) or ((not optuna_beats or ATTR_WORKER not in t.user_attrs)
+                                          and heartbeat_lost(t, recovery.grace_s)))
                  and give_back(study, t, f"worker {t.user_attrs.get(ATTR_WORKER, '?')} stopped", recovery)]
     if optuna_beats:
         with _quiet_experimental():
