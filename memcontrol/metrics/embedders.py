@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError, MissingWeightsError
+from .metric_nets import load_metric_net, to_grey
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -208,8 +209,6 @@ class MetricNetEmbedder(Embedder):
         return self._fingerprint
 
     def _features(self, images):
-        from .metric_nets import to_grey
-
         return self.net(to_grey(images, self.net.config.size))
 
 
@@ -314,8 +313,6 @@ def _inception(spec, device, batch_size):
 
 
 def _metric_net(spec, device, batch_size):
-    from .metric_nets import load_metric_net
-
     folder = _need_file(spec, "path", "metric network folder", folder=True)
     net = load_metric_net(folder)
     return MetricNetEmbedder(net, f"metric_net:{file_fingerprint(folder / 'model.safetensors')}", device=device,
