@@ -205,19 +205,14 @@ def head_accuracy(model: DomainTrainer, images: torch.Tensor, labels: torch.Tens
     return out
 
 
-def train_domain(args, train, evaluation) -> tuple[MetricNet, dict]:
-    images, labels, _ = train
-    torch.manual_seed(args.seed)
-    model = DomainTrainer(MetricNet(MetricNetConfig("domain", size=args.size)))
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+def optimise(name: str, module: torch.nn.Module, batch_loss, args) -> dict:
+    """AdamW on a one-cycle schedule until ``--steps`` or ``--max-minutes``; ``batch_loss()`` draws a batch and
+    returns its loss. The steps done, minutes and final loss, for the provenance."""
+    opt = torch.optim.AdamW(module.parameters(), lr=args.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.steps, pct_start=0.05)
-    gen = torch.Generator().manual_seed(args.seed)
     steps, start, losses = 0, time.perf_counter(), []
     while steps < args.steps and time.perf_counter() - start < args.max_minutes * 60:
-        idx = torch.randint(0, len(images), (args.batch_size,), generator=gen)
-        x = images[idx]
-        logits, recon = model(x)
-        loss = head_losses(logits, labels[idx]) + args.recon_weight * F.mse_loss(recon, shrink(x))
+        loss = batch_loss()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -225,9 +220,26 @@ def train_domain(args, train, evaluation) -> tuple[MetricNet, dict]:
         steps += 1
         losses.append(loss.item())
         if steps % 100 == 0:
-            print(f"domain step {steps}: loss {np.mean(losses[-100:]):.4f} "
+            print(f"{name} step {steps}: loss {np.mean(losses[-100:]):.4f} "
                   f"({(time.perf_counter() - start) / 60:.1f} min)", flush=True)
-    model.eval()
+    module.eval()
+    return {"steps": steps, "minutes": round((time.perf_counter() - start) / 60, 2),
+            "final_loss": round(float(np.mean(losses[-100:])), 4)}
+
+
+def train_domain(args, train, evaluation) -> tuple[MetricNet, dict]:
+    images, labels, _ = train
+    torch.manual_seed(args.seed)
+    model = DomainTrainer(MetricNet(MetricNetConfig("domain", size=args.size)))
+    gen = torch.Generator().manual_seed(args.seed)
+
+    def batch_loss():
+        idx = torch.randint(0, len(images), (args.batch_size,), generator=gen)
+        x = images[idx]
+        logits, recon = model(x)
+        return head_losses(logits, labels[idx]) + args.recon_weight * F.mse_loss(recon, shrink(x))
+
+    record = optimise("domain", model, batch_loss, args)
     eval_images, eval_labels, _ = evaluation
     with torch.no_grad():
         recon = torch.cat([model(eval_images[i:i + 256])[1] for i in range(0, len(eval_images), 256)])
@@ -235,8 +247,7 @@ def train_domain(args, train, evaluation) -> tuple[MetricNet, dict]:
     measured = {"heads": head_accuracy(model, eval_images, eval_labels),
                 "reconstruction_mse_16px": round(recon_mse, 5),
                 "pixel_variance_16px": round(float(shrink(eval_images).var()), 5)}
-    return model.net, {"steps": steps, "minutes": round((time.perf_counter() - start) / 60, 2),
-                       "final_loss": round(float(np.mean(losses[-100:])), 4), "measured_on_unseen_public": measured}
+    return model.net, {**record, "measured_on_unseen_public": measured}
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -265,9 +276,8 @@ def copy_separation(net: MetricNet, seeds: list[int], size: int, seed: int, fpr:
     negatives = negative[torch.isfinite(negative)]
     auc = float((positive[:, None] > negatives[None, :]).float().mean())
     tau = float(torch.quantile(nearest_other, 1 - fpr))
-    return {"patients": len(seeds), "auc": round(auc, 5), "top1": round(float((sim.argmax(1) ==
-                                                                               torch.arange(len(sim))).float()
-                                                                              .mean()), 4),
+    top1 = float((sim.argmax(1) == torch.arange(len(sim))).float().mean())
+    return {"patients": len(seeds), "auc": round(auc, 5), "top1": round(top1, 4),
             "tau_at_fpr": round(tau, 4), "fpr": fpr, "recall_at_tau": round(float((positive > tau).float().mean()), 4),
             "copy_similarity_median": round(float(positive.median()), 4),
             "other_similarity_median": round(float(negatives.median()), 4)}
@@ -280,12 +290,10 @@ def train_copy_detector(args, train, evaluation) -> tuple[MetricNet, dict]:
     views = copy_views(chest_seeds, args.size, args.variants, args.seed)
     torch.manual_seed(args.seed)
     net = MetricNet(MetricNetConfig("copy_detector", size=args.size))
-    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.steps, pct_start=0.05)
     gen = torch.Generator().manual_seed(args.seed + 1)
-    steps, start, losses = 0, time.perf_counter(), []
     half = args.batch_size // 2
-    while steps < args.steps and time.perf_counter() - start < args.max_minutes * 60:
+
+    def batch_loss():
         idx = torch.randperm(len(images), generator=gen)[:half]
         pick = torch.randint(0, args.variants, (2, half), generator=gen)
         pairs = []
@@ -294,20 +302,10 @@ def train_copy_detector(args, train, evaluation) -> tuple[MetricNet, dict]:
             chest = idx < n_chest
             x[chest] = views[pick[v, chest], idx[chest]]
             pairs.append(augment(x, gen))
-        loss = nt_xent(net(pairs[0]), net(pairs[1]), args.temperature)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        steps += 1
-        losses.append(loss.item())
-        if steps % 100 == 0:
-            print(f"copy_detector step {steps}: loss {np.mean(losses[-100:]):.4f} "
-                  f"({(time.perf_counter() - start) / 60:.1f} min)", flush=True)
-    net.eval()
-    measured = copy_separation(net, evaluation[2], args.size, args.seed + 2)
-    return net, {"steps": steps, "minutes": round((time.perf_counter() - start) / 60, 2),
-                 "final_loss": round(float(np.mean(losses[-100:])), 4), "measured_on_unseen_public": measured}
+        return nt_xent(net(pairs[0]), net(pairs[1]), args.temperature)
+
+    record = optimise("copy_detector", net, batch_loss, args)
+    return net, {**record, "measured_on_unseen_public": copy_separation(net, evaluation[2], args.size, args.seed + 2)}
 
 
 def main(argv=None) -> int:
