@@ -18,6 +18,7 @@ from memcontrol.cli import main
 REPO = Path(__file__).resolve().parent.parent
 BASE_MODEL = REPO / "data" / "base_model"
 HOSPITAL = REPO / "data" / "hospital"
+NETS = REPO / "data" / "metric_nets"
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +32,8 @@ def quick_run(tmp_path_factory):
         "model": {"path": str(BASE_MODEL), "device": "cpu"},
         "data": {"train": {"source": str(HOSPITAL / "private" / "manifest.csv")},
                  "heldout": {"source": str(HOSPITAL / "heldout" / "manifest.csv")}},
+        "objectives": {"memorization": {"features": {"type": "metric_net", "path": str(NETS / "copy_detector")}},
+                       "quality": {"features": {"type": "metric_net", "path": str(NETS / "domain")}}},
         "train": {"steps": 4, "warmup": 1},
         "sampling": {"prompts": 3, "quality_prompts": 3, "per_prompt": 1, "steps": 2},
         "early_stop": {"every": 2},
