@@ -1,13 +1,14 @@
-"""The copy detector against the identity truth, on samples from several full fine-tunes and checkpoints.
+"""The copy detector against the identity truth, on samples along full fine-tunes of the private cohort.
 
-    python bench/detector.py --out runs/detector                          # CPU, 2 runs x 3 checkpoints
-    python bench/detector.py --out runs/detector --seeds 0 --checkpoints 500 --others 1000   # smaller
+    python bench/detector.py --out runs/detector          # CPU: one run, checkpoints 350 and 500, two sampling seeds
+    python bench/detector.py --out runs/detector --seeds 0 1 --checkpoints 300 400 500 --final-seeds 1 2
 
 Positives and negatives come from where copies arise: full fine-tuning of the shipped base model on the bundled
 private cohort with the quickstart's training settings (``--config``'s ``train`` section, at the full fine-tuning
-baseline's learning rate), one sample per private record's report (``sampling`` settings: sampler, steps, guidance)
-at each of ``--checkpoints`` steps, for each of ``--seeds`` (training and sampling seed), and the un-tuned base
-model's samples (step 0). Each checkpoint's samples are kept in ``--out`` (a rerun reads them back).
+baseline's learning rate), one sample per private patient's report (``sampling`` settings: sampler, steps,
+guidance) at each of ``--checkpoints`` steps of each run (``--seeds``: training seed, also the sampling seed), at
+the last checkpoint also with each of ``--final-seeds``, and the un-tuned base model's samples (step 0). Every
+sample set is kept in ``--out`` (a rerun reads them back).
 
 The truth (``memcontrol.metrics.ground_truth``): a sample copies private patient q when its nearest image in pixels,
 among the private records and ``--others`` further patients of the private site rendered in memory, is q's.
@@ -52,54 +53,64 @@ def rendered_patients(count: int, skip: int, resolution: int, channels: int) -> 
     return torch.stack([to_model_tensor(im, resolution, channels) for im in images[skip:]])
 
 
-def checkpoint_samples(settings, pipe, dataset, seeds, checkpoints, out: Path, lr: float) -> dict:
-    """{(seed, step): samples}, step 0 being the base model; computed once and kept in ``out``."""
+def patient_prompts(dataset) -> list[str]:
+    """One report per private patient (a repeated patient's records share theirs): the prompts of a sample set."""
+    first = {}
+    for key, caption in zip(dataset.keys, dataset.captions):
+        first.setdefault(key, caption)
+    return list(first.values())
+
+
+def checkpoint_samples(settings, pipe, dataset, seeds, checkpoints, final_seeds, out: Path, lr: float) -> dict:
+    """{(run seed, step, sampling seed): samples}: step 0 is the base model; each checkpoint is sampled with the
+    run's seed, the last one also with each of ``final_seeds``. Kept in ``out``: a rerun reads them back."""
     from safetensors.torch import load_file, save_file
 
     from memcontrol.masks import Mask
     from memcontrol.sampling import generate_samples
     from memcontrol.training import TrainConfig, cache_training_data, finetune, pipeline_with_unet
 
-    prompts = list(dataset.captions)
+    prompts = patient_prompts(dataset)
     out.mkdir(parents=True, exist_ok=True)
-
-    def path(seed, step):
-        return out / f"samples-seed{seed}-step{step}.safetensors"
-
-    def sample_with(seed, unet):
-        s = settings.sampling
-        return generate_samples(pipeline_with_unet(pipe, unet), prompts, steps=s["steps"], seed=seed,
-                                guidance_scale=s["guidance_scale"], sampler=s["sampler"])
-
     found = {}
-    for seed in seeds:
-        wanted = [0] + list(checkpoints)
-        if all(path(seed, s).is_file() for s in wanted):
-            found.update({(seed, s): load_file(str(path(seed, s)))["samples"] for s in wanted})
-            continue
-        cached = cache_training_data(pipe, dataset, cache_dir=None, progress=False)
+
+    def take(seed, step, sample_seed, unet):
+        path = out / f"samples-run{seed}-step{step}-seed{sample_seed}.safetensors"
+        if path.is_file():
+            found[(seed, step, sample_seed)] = load_file(str(path))["samples"]
+            return
         t0 = time.perf_counter()
-        base = sample_with(seed, pipe.unet)
-        save_file({"samples": base.contiguous()}, str(path(seed, 0)))
-        found[(seed, 0)] = base
-        print(f"seed {seed}: base model sampled ({time.perf_counter() - t0:.0f} s)", flush=True)
+        s = settings.sampling
+        samples = generate_samples(pipeline_with_unet(pipe, unet), prompts, steps=s["steps"], seed=sample_seed,
+                                   guidance_scale=s["guidance_scale"], sampler=s["sampler"])
+        save_file({"samples": samples.contiguous()}, str(path))
+        found[(seed, step, sample_seed)] = samples
+        print(f"run {seed}, step {step}, sampling seed {sample_seed}: {len(samples)} samples "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+
+    take(seeds[0], 0, seeds[0], pipe.unet)
+    for seed in seeds:
+        wanted = {(step, seed) for step in checkpoints} | {(checkpoints[-1], s) for s in final_seeds}
+        paths = [out / f"samples-run{seed}-step{step}-seed{s}.safetensors" for step, s in wanted]
+        if all(p.is_file() for p in paths):
+            for step, s in wanted:
+                take(seed, step, s, None)
+            continue
 
         def at_checkpoint(step, unet, seed=seed):
             if step in checkpoints:
-                t1 = time.perf_counter()
-                samples = sample_with(seed, unet)
-                save_file({"samples": samples.contiguous()}, str(path(seed, step)))
-                found[(seed, step)] = samples
-                print(f"seed {seed}: step {step} sampled ({time.perf_counter() - t1:.0f} s)", flush=True)
+                for s in sorted({seed} | (set(final_seeds) if step == checkpoints[-1] else set())):
+                    take(seed, step, s, unet)
             return None
 
-        cfg = TrainConfig.from_dict({**settings.train, "lr": lr, "seed": seed, "steps": max(checkpoints)})
+        cfg = TrainConfig.from_dict({**settings.train, "lr": lr, "seed": seed, "steps": checkpoints[-1]})
         torch.manual_seed(seed)
-        every = _gcd(checkpoints)
-        result = finetune(pipe, Mask.full_unet(pipe.unet), cached, cfg, callback=at_checkpoint, callback_every=every)
+        cached = cache_training_data(pipe, dataset, cache_dir=None, progress=False)
+        result = finetune(pipe, Mask.full_unet(pipe.unet), cached, cfg, callback=at_checkpoint,
+                          callback_every=_gcd(checkpoints))
         if result.status != "ok":
             raise RuntimeError(f"full fine-tuning with seed {seed} ended {result.status}: {result.reason}")
-        print(f"seed {seed}: {result.steps} steps in {result.seconds:.0f} s", flush=True)
+        print(f"run {seed}: {result.steps} steps in {result.seconds:.0f} s", flush=True)
     return found
 
 
@@ -116,8 +127,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", type=Path, default=REPO / "configs" / "quickstart.yaml")
     ap.add_argument("--out", type=Path, required=True, help="folder for the samples (kept: a rerun reads them)")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--checkpoints", type=int, nargs="+", default=[300, 400, 500])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="full fine-tuning runs (training seeds)")
+    ap.add_argument("--checkpoints", type=int, nargs="+", default=[350, 500])
+    ap.add_argument("--final-seeds", type=int, nargs="*", default=[1],
+                    help="further sampling seeds at the last checkpoint")
     ap.add_argument("--others", type=int, default=4000, help="other patients of the private site for the truth")
     ap.add_argument("--calibration", type=int, default=1000, help="held-out patients that calibrate tau")
     ap.add_argument("--fpr", type=float, default=0.01, help="false-positive rate at which tau is calibrated")
@@ -142,7 +155,8 @@ def main(argv=None) -> int:
     lr = float((settings.baselines.get("lr") or {}).get("full_ft", settings.train["lr"]))
     print(f"full fine-tuning at lr {lr:g}, {settings.train['batch_size']} per batch, {settings.train['schedule']} "
           f"schedule; checkpoints {sorted(args.checkpoints)}; seeds {args.seeds}", flush=True)
-    samples = checkpoint_samples(settings, pipe, dataset, args.seeds, sorted(args.checkpoints), args.out, lr)
+    samples = checkpoint_samples(settings, pipe, dataset, args.seeds, sorted(args.checkpoints), args.final_seeds,
+                                 args.out, lr)
 
     t0 = time.perf_counter()
     others = rendered_patients(args.others, 0, resolution, channels)
@@ -154,7 +168,7 @@ def main(argv=None) -> int:
     n_patients = len(set(keys))
     print(f"\nprivate cohort: {len(keys)} records of {n_patients} patients; truth among {args.others} other patients "
           f"of the site (chance rate {chance_rate(n_patients, args.others):.2%}); {len(samples)} sample sets of "
-          f"{len(keys)}")
+          f"{n_patients} (one per patient's report)")
     figures = {"samples": sum(len(v) for v in samples.values()), "detectors": {}}
     for spec_text in args.detectors:
         spec = resolve_spec_paths({"_dir": str(REPO)}, json.loads(spec_text))
@@ -166,19 +180,19 @@ def main(argv=None) -> int:
         print(f"\n[{embedder.name}] tau {tau:.4f}: {int((held_sims > tau).sum())} of {len(held_sims)} held-out "
               f"patients above it (calibrated at false-positive rate {args.fpr:g}; "
               f"{calibrate_seconds:.1f} s for the training and calibration features)")
-        print("| seed | step | true copies | detected | right | precision (95% CI) | recall (95% CI) |")
-        print("|---|---|---|---|---|---|---|")
-        pooled_truth, pooled_detected, pooled_fine_tuned = [], [], []
+        print("| run | step | sampling seed | true copies | detected | right | precision (95% CI) | recall (95% CI) |")
+        print("|---|---|---|---|---|---|---|---|")
+        pooled_truth, pooled_detected = [], []
         embed_seconds = 0.0
-        for (seed, step), images in sorted(samples.items()):
+        for (seed, step, sample_seed), images in sorted(samples.items()):
             t0 = time.perf_counter()
             result = copy_detection(embedder.embed(images), train_feats, keys, tau=tau)
             embed_seconds += time.perf_counter() - t0
             detected = [k if c else None for k, c in zip(result["samples"]["nn_key"], result["samples"]["is_copy"])]
-            pr = precision_recall(detected, truth[(seed, step)])
-            pooled_truth += truth[(seed, step)]
+            pr = precision_recall(detected, truth[(seed, step, sample_seed)])
+            pooled_truth += truth[(seed, step, sample_seed)]
             pooled_detected += detected
-            print(f"| {seed} | {step} | {pr['true_copies']} | {pr['detected']} | {pr['true_positives']} | "
+            print(f"| {seed} | {step} | {sample_seed} | {pr['true_copies']} | {pr['detected']} | {pr['true_positives']} | "
                   f"{wilson(pr['true_positives'], pr['detected'])} | "
                   f"{wilson(pr['true_positives'], pr['true_copies'])} |")
         pr = precision_recall(pooled_detected, pooled_truth)
@@ -192,7 +206,7 @@ def main(argv=None) -> int:
             "precision_ci": [precision.low, precision.high], "recall_ci": [recall.low, recall.high],
             "seconds_per_run": embed_seconds / len(samples), "calibration_seconds": calibrate_seconds}
         print(f"time this detector adds to one run: {embed_seconds / len(samples):.2f} s to embed and match "
-              f"{len(keys)} samples; once per study: {calibrate_seconds:.1f} s to embed the private records and the "
+              f"{len(images)} samples; once per study: {calibrate_seconds:.1f} s to embed the private records and the "
               f"calibration patients")
     print(f"\ntruth: {render_seconds:.0f} s to render {args.others + args.calibration} patients of the site once, "
           f"{truth_seconds:.2f} s per run to find each sample's nearest patient")
