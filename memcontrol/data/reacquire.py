@@ -31,7 +31,6 @@ def reacquire(patient: Patient, rng: np.random.Generator) -> Patient:
     return replace(patient, anatomy=anatomy)
 
 
-def rerender(seeds, rng: np.random.Generator, size: int = 64, describe=describe_patient) -> np.ndarray:
-    """Each seed's patient re-acquired once (float32 N x size x size in [0, 1]). ``describe`` maps a seed to its
-    ``Patient`` (the public site's by default)."""
-    return render_patients([reacquire(describe(int(s)), rng) for s in seeds], size)
+def rerender(seeds, rng: np.random.Generator, size: int = 64) -> np.ndarray:
+    """Each seed's public-site patient re-acquired once (float32 N x size x size in [0, 1])."""
+    return render_patients([reacquire(describe_patient(int(s)), rng) for s in seeds], size)

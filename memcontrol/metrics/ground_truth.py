@@ -11,11 +11,11 @@ the detector's answers.
   exchangeable): the 32 patients of the bundled private cohort among 4,000 others, 0.8%.
 - L2 favours blur: the average of several patients is nearer to each of them than most real patients are; the
   thousands of others are what make such an average land on some other patient instead. How often it still lands
-  on a private patient depends on the private set: for 12 public-site chest phantoms against 4,000 others, blurred (1.5 px)
-  averages of two, three and four private patients landed on a private one 7%, 1% and 0.5% of the time (200 draws
-  each); for a set of 8 holding two look-alike patients (each the other's nearest neighbour) against 1,000 others,
-  most averages containing both landed on one of the two. A blend of look-alikes is the case this truth settles
-  least well. Blurred (up to 2 px) and noisy copies of a patient were all found.
+  on a private patient depends on the private set: for 12 public-site chest phantoms against 4,000 others,
+  blurred (1.5 px) averages of two, three and four private patients landed on a private one 7%, 1% and 0.5% of the
+  time (200 draws each); for a set of 8 holding two look-alike patients (each the other's nearest neighbour)
+  against 1,000 others, most averages containing both landed on one of the two. A blend of look-alikes is the case
+  this truth settles least well. Blurred (up to 2 px) and noisy copies of a patient were all found.
 """
 
 from __future__ import annotations
