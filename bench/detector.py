@@ -8,10 +8,13 @@ private cohort with the quickstart's training settings (``--config``'s ``train``
 baseline's learning rate), one sample per private patient's report (``sampling`` settings: sampler, steps,
 guidance) at each of ``--checkpoints`` steps of each run (``--seeds``: training seed, also the sampling seed), at
 the last checkpoint also with each of ``--final-seeds``, and the un-tuned base model's samples (step 0). Every
-sample set is kept in ``--out`` (a rerun reads them back).
+sample set is kept in ``--out`` (a rerun reads them back). Two planted sets stand beside them: each private
+patient's image through the model's VAE (encoded and decoded: what a model that reproduces its training image
+exactly draws) and ``--planted`` held-out patients through the VAE (faithful images of patients it never saw).
 
 The truth (``memcontrol.metrics.ground_truth``): a sample copies private patient q when its nearest image in pixels,
-among the private records and ``--others`` further patients of the private site rendered in memory, is q's.
+among the private records and ``--others`` further patients of the private site rendered in memory, all passed
+through the model's VAE (the image space the model draws in), is q's.
 
 The detectors (``--detectors``, embedder specs): the nearest private record in their features (cosine), a copy
 above tau; tau calibrated (``memcontrol.metrics.memorization.calibrate_tau``) at ``--fpr``, the share of
@@ -114,6 +117,14 @@ def checkpoint_samples(settings, pipe, dataset, seeds, checkpoints, final_seeds,
     return found
 
 
+@torch.no_grad()
+def through_vae(pipe, images: torch.Tensor) -> torch.Tensor:
+    """Images encoded and decoded by the model's VAE: what a model that reproduces them exactly would draw."""
+    vae = pipe.vae
+    out = [vae.decode(vae.encode(images[i:i + 32]).latent_dist.mean).sample for i in range(0, len(images), 32)]
+    return torch.cat(out).clamp(-1, 1)
+
+
 def _gcd(values) -> int:
     import math
 
@@ -134,6 +145,8 @@ def main(argv=None) -> int:
     ap.add_argument("--others", type=int, default=4000, help="other patients of the private site for the truth")
     ap.add_argument("--calibration", type=int, default=1000, help="held-out patients that calibrate tau")
     ap.add_argument("--fpr", type=float, default=0.01, help="false-positive rate at which tau is calibrated")
+    ap.add_argument("--planted", type=int, default=256,
+                    help="held-out patients through the VAE, planted beside the private records through the VAE")
     ap.add_argument("--detectors", nargs="+", default=DETECTORS, help="embedder specs (JSON)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = ap.parse_args(argv)
@@ -155,21 +168,30 @@ def main(argv=None) -> int:
     lr = float((settings.baselines.get("lr") or {}).get("full_ft", settings.train["lr"]))
     print(f"full fine-tuning at lr {lr:g}, {settings.train['batch_size']} per batch, {settings.train['schedule']} "
           f"schedule; checkpoints {sorted(args.checkpoints)}; seeds {args.seeds}", flush=True)
-    samples = checkpoint_samples(settings, pipe, dataset, args.seeds, sorted(args.checkpoints), args.final_seeds,
-                                 args.out, lr)
+    generated = checkpoint_samples(settings, pipe, dataset, args.seeds, sorted(args.checkpoints), args.final_seeds,
+                                   args.out, lr)
+    samples = {f"run {seed}, step {step}, sampling seed {s}": v for (seed, step, s), v in sorted(generated.items())}
 
     t0 = time.perf_counter()
     others = rendered_patients(args.others, 0, resolution, channels)
     calibration = rendered_patients(args.calibration, args.others, resolution, channels)
     render_seconds = time.perf_counter() - t0
+    # The truth compares in the image space the model draws in: every reference through its VAE (the base VAE,
+    # trained on public films, reconstructs a private-site film with an error larger than the distance between two
+    # patients, so raw pixels would tell no sample's patient).
+    private_drawn, others_drawn = through_vae(pipe, private), through_vae(pipe, others)
+    first = sorted({k: i for i, k in reversed(list(enumerate(keys)))}.values())  # one record per patient
+    samples["planted: each private patient through the VAE"] = private_drawn[first]
+    samples["planted: held-out patients through the VAE"] = through_vae(
+        pipe, rendered_patients(args.planted, args.others + args.calibration, resolution, channels))
     t0 = time.perf_counter()
-    truth = {k: true_copies(v, private, keys, others) for k, v in samples.items()}
+    truth = {k: true_copies(v, private_drawn, keys, others_drawn) for k, v in samples.items()}
     truth_seconds = (time.perf_counter() - t0) / len(samples)
     n_patients = len(set(keys))
     print(f"\nprivate cohort: {len(keys)} records of {n_patients} patients; truth among {args.others} other patients "
-          f"of the site (chance rate {chance_rate(n_patients, args.others):.2%}); {len(samples)} sample sets of "
-          f"{n_patients} (one per patient's report)")
-    figures = {"samples": sum(len(v) for v in samples.values()), "detectors": {}}
+          f"of the site (chance rate {chance_rate(n_patients, args.others):.2%}); {len(generated)} generated sample "
+          f"sets of {n_patients} (one per patient's report), and two planted sets")
+    figures = {"samples": {k: len(v) for k, v in samples.items()}, "detectors": {}}
     for spec_text in args.detectors:
         spec = resolve_spec_paths({"_dir": str(REPO)}, json.loads(spec_text))
         embedder = build_embedder(spec, pipe=pipe)
@@ -180,19 +202,19 @@ def main(argv=None) -> int:
         print(f"\n[{embedder.name}] tau {tau:.4f}: {int((held_sims > tau).sum())} of {len(held_sims)} held-out "
               f"patients above it (calibrated at false-positive rate {args.fpr:g}; "
               f"{calibrate_seconds:.1f} s for the training and calibration features)")
-        print("| run | step | sampling seed | true copies | detected | right | precision (95% CI) | recall (95% CI) |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| sample set | samples | true copies | detected | right | precision (95% CI) | recall (95% CI) |")
+        print("|---|---|---|---|---|---|---|")
         pooled_truth, pooled_detected = [], []
         embed_seconds = 0.0
-        for (seed, step, sample_seed), images in sorted(samples.items()):
+        for label, images in samples.items():
             t0 = time.perf_counter()
             result = copy_detection(embedder.embed(images), train_feats, keys, tau=tau)
             embed_seconds += time.perf_counter() - t0
             detected = [k if c else None for k, c in zip(result["samples"]["nn_key"], result["samples"]["is_copy"])]
-            pr = precision_recall(detected, truth[(seed, step, sample_seed)])
-            pooled_truth += truth[(seed, step, sample_seed)]
+            pr = precision_recall(detected, truth[label])
+            pooled_truth += truth[label]
             pooled_detected += detected
-            print(f"| {seed} | {step} | {sample_seed} | {pr['true_copies']} | {pr['detected']} | {pr['true_positives']} | "
+            print(f"| {label} | {len(images)} | {pr['true_copies']} | {pr['detected']} | {pr['true_positives']} | "
                   f"{wilson(pr['true_positives'], pr['detected'])} | "
                   f"{wilson(pr['true_positives'], pr['true_copies'])} |")
         pr = precision_recall(pooled_detected, pooled_truth)
@@ -206,10 +228,10 @@ def main(argv=None) -> int:
             "precision_ci": [precision.low, precision.high], "recall_ci": [recall.low, recall.high],
             "seconds_per_run": embed_seconds / len(samples), "calibration_seconds": calibrate_seconds}
         print(f"time this detector adds to one run: {embed_seconds / len(samples):.2f} s to embed and match "
-              f"{len(images)} samples; once per study: {calibrate_seconds:.1f} s to embed the private records and the "
+              f"a sample set; once per study: {calibrate_seconds:.1f} s to embed the private records and the "
               f"calibration patients")
     print(f"\ntruth: {render_seconds:.0f} s to render {args.others + args.calibration} patients of the site once, "
-          f"{truth_seconds:.2f} s per run to find each sample's nearest patient")
+          f"{truth_seconds:.2f} s per sample set to find each sample's nearest patient")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2, default=float) + "\n")
     return 0
