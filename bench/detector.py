@@ -117,14 +117,6 @@ def checkpoint_samples(settings, pipe, dataset, seeds, checkpoints, final_seeds,
     return found
 
 
-@torch.no_grad()
-def through_vae(pipe, images: torch.Tensor) -> torch.Tensor:
-    """Images encoded and decoded by the model's VAE: what a model that reproduces them exactly would draw."""
-    vae = pipe.vae
-    out = [vae.decode(vae.encode(images[i:i + 32]).latent_dist.mean).sample for i in range(0, len(images), 32)]
-    return torch.cat(out).clamp(-1, 1)
-
-
 def _gcd(values) -> int:
     import math
 
@@ -153,7 +145,7 @@ def main(argv=None) -> int:
 
     from memcontrol.config import load_config, resolve_spec_paths
     from memcontrol.metrics import build_embedder
-    from memcontrol.metrics.ground_truth import chance_rate, precision_recall, true_copies
+    from memcontrol.metrics.ground_truth import chance_rate, precision_recall, through_vae, true_copies
     from memcontrol.metrics.intervals import wilson
     from memcontrol.metrics.memorization import calibrate_tau, copy_detection
     from memcontrol.models import load_pipeline
@@ -179,11 +171,11 @@ def main(argv=None) -> int:
     # The truth compares in the image space the model draws in: every reference through its VAE (the base VAE,
     # trained on public films, reconstructs a private-site film with an error larger than the distance between two
     # patients, so raw pixels would tell no sample's patient).
-    private_drawn, others_drawn = through_vae(pipe, private), through_vae(pipe, others)
+    private_drawn, others_drawn = through_vae(pipe.vae, private), through_vae(pipe.vae, others)
     first = sorted({k: i for i, k in reversed(list(enumerate(keys)))}.values())  # one record per patient
     samples["planted: each private patient through the VAE"] = private_drawn[first]
     samples["planted: held-out patients through the VAE"] = through_vae(
-        pipe, rendered_patients(args.planted, args.others + args.calibration, resolution, channels))
+        pipe.vae, rendered_patients(args.planted, args.others + args.calibration, resolution, channels))
     t0 = time.perf_counter()
     truth = {k: true_copies(v, private_drawn, keys, others_drawn) for k, v in samples.items()}
     truth_seconds = (time.perf_counter() - t0) / len(samples)

@@ -11,8 +11,8 @@ a bootstrap over the generated samples for the others (the search's own interval
 
 Then the detector against the truth. Every phantom patient's anatomy comes from its seed, so whether a sample truly
 copies a private patient is known from identity (``memcontrol.metrics.ground_truth``): its nearest image in pixels,
-among the private patients and ``--others`` further patients of the private site rendered in memory, is that
-patient's. The detector (nearest private patient in the config's features, above tau) is right when it names that
+among the private patients and ``--others`` further patients of the private site rendered in memory, all through
+the model's VAE, is that patient's. The detector (nearest private patient in the config's features, above tau) is right when it names that
 patient. Precision and recall are given per run and pooled over every evaluated run of the study (with Wilson 95%
 intervals).
 """
@@ -39,11 +39,13 @@ def load_rows(run: Path) -> list[dict]:
 
 def real_images(settings, others: int):
     """Private images with their patient keys at the run's resolution, and ``others`` patients of the private site
-    rendered in memory (the identity truth's other patients), prepared as the private images are."""
+    rendered in memory (the identity truth's other patients), all through the model's VAE."""
     import torch
 
     from memcontrol.data.cohorts import private_site_heldout
     from memcontrol.data.transforms import to_model_tensor
+    from memcontrol.metrics.ground_truth import through_vae
+    from memcontrol.models import load_pipeline
     from memcontrol.search.context import load_dataset
     from memcontrol.search.objectives import dataset_pixels
 
@@ -51,8 +53,11 @@ def real_images(settings, others: int):
     dataset = load_dataset(settings.data["train"], resolution)
     private = torch.cat(list(dataset_pixels(dataset)))
     rendered, _ = private_site_heldout(others, resolution)
-    return private, dataset.keys, torch.stack([to_model_tensor(im, resolution, private.shape[1])
-                                               for im in rendered])
+    others = torch.stack([to_model_tensor(im, resolution, private.shape[1]) for im in rendered])
+    # Compared as the model draws them (ground_truth.through_vae): its VAE cannot draw a private-site film closer
+    # than two patients lie apart.
+    vae = load_pipeline(settings.model["path"], option="model.path").vae
+    return through_vae(vae, private), dataset.keys, through_vae(vae, others)
 
 
 def run_samples(folder: Path):

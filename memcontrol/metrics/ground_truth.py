@@ -49,6 +49,15 @@ def true_copies(samples: torch.Tensor, private: torch.Tensor, keys: list[str], o
     return [keys[i] if i < len(keys) else None for i in nearest.tolist()]
 
 
+@torch.no_grad()
+def through_vae(vae, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """Images ([-1, 1]) encoded and decoded by a model's VAE: how the model would draw them if it reproduced them
+    exactly, the references a truth for its samples compares with."""
+    out = [vae.decode(vae.encode(images[i:i + batch_size]).latent_dist.mean).sample
+           for i in range(0, len(images), batch_size)]
+    return torch.cat(out).clamp(-1, 1)
+
+
 def precision_recall(detected: list, truth: list) -> dict:
     """Score per-sample detections (the key a detector attributes a copy to, or None) against the truth. A
     detection is right only with the right patient. Precision is NaN when nothing was detected, recall when
