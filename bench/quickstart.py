@@ -12,9 +12,9 @@ a bootstrap over the generated samples for the others (the search's own interval
 Then the detector against the truth. Every phantom patient's anatomy comes from its seed, so whether a sample truly
 copies a private patient is known from identity (``memcontrol.metrics.ground_truth``): its nearest image in pixels,
 among the private patients and ``--others`` further patients of the private site rendered in memory, all through
-the model's VAE, is that patient's. The detector (nearest private patient in the config's features, above tau) is right when it names that
-patient. Precision and recall are given per run and pooled over every evaluated run of the study (with Wilson 95%
-intervals).
+the model's VAE, is that patient's. The detector (nearest private patient in the config's features, above tau) is
+right when it names that patient. Precision and recall are given per run and pooled over every evaluated run of the
+study (with Wilson 95% intervals).
 """
 
 from __future__ import annotations
