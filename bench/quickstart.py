@@ -9,11 +9,12 @@ nearest-neighbour similarity, quality (FD and KID on the config's features, from
 trainable share and steps. Every figure carries its 95% interval: Wilson for rates (copy rate, precision, recall),
 a bootstrap over the generated samples for the others (the search's own intervals, from trials.csv).
 
-Then the detector against the truth. Every phantom patient is distinct, so whether a sample truly copies a private
-patient is known from pixels alone (``memcontrol.metrics.ground_truth``); the detector (nearest private patient in
-the config's features, above tau) is right when it names that patient. Precision and recall are given per run and
-pooled over every evaluated run of the study, with the truth's distance ratio at its default 2/3 (the table) and
-at a stricter 1/2 (pixel-faithful copies only).
+Then the detector against the truth. Every phantom patient's anatomy comes from its seed, so whether a sample truly
+copies a private patient is known from identity (``memcontrol.metrics.ground_truth``): its nearest image in pixels,
+among the private patients and ``--others`` further patients of the private site rendered in memory, all through
+the model's VAE, is that patient's. The detector (nearest private patient in the config's features, above tau) is
+right when it names that patient. Precision and recall are given per run and pooled over every evaluated run of the
+study (with Wilson 95% intervals).
 """
 
 from __future__ import annotations
@@ -36,20 +37,27 @@ def load_rows(run: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
-def real_images(settings):
-    """Private images with their patient keys, and the held-out images, at the run's resolution."""
+def real_images(settings, others: int):
+    """Private images with their patient keys at the run's resolution, and ``others`` patients of the private site
+    rendered in memory (the identity truth's other patients), all through the model's VAE."""
     import torch
 
+    from memcontrol.data.cohorts import private_site_heldout
+    from memcontrol.data.transforms import to_model_tensor
+    from memcontrol.metrics.ground_truth import through_vae
+    from memcontrol.models import load_pipeline
     from memcontrol.search.context import load_dataset
     from memcontrol.search.objectives import dataset_pixels
 
-    def stack(spec):
-        dataset = load_dataset(spec, settings.data["resolution"])
-        return torch.cat(list(dataset_pixels(dataset))), dataset.keys
-
-    private, keys = stack(settings.data["train"])
-    heldout, _ = stack(settings.data["heldout"])
-    return private, keys, heldout
+    resolution = settings.data["resolution"]
+    dataset = load_dataset(settings.data["train"], resolution)
+    private = torch.cat(list(dataset_pixels(dataset)))
+    rendered, _ = private_site_heldout(others, resolution)
+    others = torch.stack([to_model_tensor(im, resolution, private.shape[1]) for im in rendered])
+    # Compared as the model draws them (ground_truth.through_vae): its VAE cannot draw a private-site film closer
+    # than two patients lie apart.
+    vae = load_pipeline(settings.model["path"], option="model.path").vae
+    return through_vae(vae, private), dataset.keys, through_vae(vae, others)
 
 
 def run_samples(folder: Path):
@@ -68,25 +76,20 @@ def detections(folder: Path, tau: float) -> list:
     return [n["key"] if n["similarity"] > tau else None for n in neighbours]
 
 
-TRUTH_RATIOS = (2 / 3, 1 / 2)
-
-
 def score_runs(run: Path, rows: list[dict], settings, images) -> dict:
-    """Truth (at each of ``TRUTH_RATIOS``) and detector for every evaluated run, each run's samples read once:
-    {ratio: {folder: (truth, detected)}}."""
+    """Truth and detector for every evaluated run: {folder: (truth, detected)}."""
     from memcontrol.metrics.ground_truth import true_copies
 
-    private, keys, heldout = images
+    private, keys, others = images
     channels = private.shape[1]
     tau = float(settings.objectives["memorization"]["tau"])
-    scored = {ratio: {} for ratio in TRUTH_RATIOS}
+    scored = {}
     for r in rows:
         folder = run / r["folder"]
         if r["state"] != "complete" or not (folder / "neighbours.json").is_file():
             continue
         samples, detected = run_samples(folder)[:, :channels], detections(folder, tau)
-        for ratio in TRUTH_RATIOS:
-            scored[ratio][r["folder"]] = (true_copies(samples, private, keys, heldout, ratio), detected)
+        scored[r["folder"]] = (true_copies(samples, private, keys, others), detected)
     return scored
 
 
@@ -126,10 +129,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", type=Path, default=REPO / "configs" / "quickstart.yaml")
     ap.add_argument("--run", type=Path, default=None, help="a finished run folder to read instead of running")
+    ap.add_argument("--others", type=int, default=4000,
+                    help="patients of the private site rendered as the identity truth's other patients")
     args = ap.parse_args(argv)
 
     from memcontrol.config import load_config
-    from memcontrol.metrics.ground_truth import precision_recall
+    from memcontrol.metrics.ground_truth import chance_rate, precision_recall
     from memcontrol.search.settings import load_settings
 
     run, seconds = args.run, None
@@ -141,9 +146,8 @@ def main(argv=None) -> int:
         seconds = time.perf_counter() - start
     settings = load_settings(load_config(args.config), run)
     rows = load_rows(run)
-    images = real_images(settings)
-    scored_by_ratio = score_runs(run, rows, settings, images)
-    scored = scored_by_ratio[TRUTH_RATIOS[0]]
+    images = real_images(settings, args.others)
+    scored = score_runs(run, rows, settings, images)
     n_patients = len(set(images[1]))
 
     print(f"run folder: {run}")
@@ -171,14 +175,14 @@ def main(argv=None) -> int:
     print("[95% intervals: Wilson for rates; bootstrap over the generated samples, the reference images fixed, "
           "for the others]")
     print()
-    for ratio, by_run in scored_by_ratio.items():
-        truth = [t for tr, _ in by_run.values() for t in tr]
-        detected = [d for _, de in by_run.values() for d in de]
-        pooled = precision_recall(detected, truth)
-        print(f"detector against the truth (distance ratio {ratio:.2f}), pooled over {len(by_run)} evaluated runs "
-              f"({len(truth)} samples): {pooled['true_copies']} true copies, {pooled['detected']} detected, "
-              f"{pooled['true_positives']} right; precision {rate(pooled['true_positives'], pooled['detected'])}, "
-              f"recall {rate(pooled['true_positives'], pooled['true_copies'])}")
+    truth = [t for tr, _ in scored.values() for t in tr]
+    detected = [d for _, de in scored.values() for d in de]
+    pooled = precision_recall(detected, truth)
+    print(f"detector against the truth (identity among {n_patients} private and {args.others} other patients of "
+          f"the site; chance rate {chance_rate(n_patients, args.others):.2%}), pooled over {len(scored)} evaluated "
+          f"runs ({len(truth)} samples): {pooled['true_copies']} true copies, {pooled['detected']} detected, "
+          f"{pooled['true_positives']} right; precision {rate(pooled['true_positives'], pooled['detected'])}, "
+          f"recall {rate(pooled['true_positives'], pooled['true_copies'])}")
     return 0
 
 

@@ -31,12 +31,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import __version__
-from .config import load_config, merge, resolve_path, section
+from .config import load_config, merge, resolve_path, resolve_spec_paths, section
 from .errors import ConfigError, DataError, MissingWeightsError
 from .metrics import (build_embedder, cached_embed, copy_detection, distance_ratio, extraction,
-                      nearest_neighbours, noise_norm, quality_report, tiled_l2)
+                      noise_norm, quality_report, tiled_l2)
 from .metrics.intervals import bootstrap_indices, format_interval, interval, resampled_mean
-from .metrics.memorization import DEFAULT_DELTA, DEFAULT_TAU, RATIO_THRESHOLD
+from .metrics.memorization import DEFAULT_DELTA, DEFAULT_TAU, RATIO_THRESHOLD, calibrate_tau
 from .report import HtmlReport, histogram_figure, pairs_figure, save_figure
 from .sampling import generate_samples
 
@@ -70,7 +70,7 @@ DEFAULTS = {
     "cache_dir": None,
     "generation": {"n_per_prompt": 1, "steps": 25, "guidance_scale": 7.5, "sampler": "dpm", "batch_size": 8},
     "features": [{"type": "vae", "tau": "heldout"}],
-    "heldout_quantile": 1.0,
+    "heldout_false_positive_rate": 0.0,
     "distance_ratio": {"enabled": True, "threshold": RATIO_THRESHOLD, "distinct_by": "pixels", "size": 64},
     "tiled_l2": {"enabled": True, "delta": DEFAULT_DELTA, "grid": 4, "size": 64},
     "extraction": {"enabled": False, "n_per_prompt": 16, "max_prompts": 10, "delta": DEFAULT_DELTA,
@@ -287,22 +287,23 @@ class Audit:
             return
         cache = resolve_path(self.s, self.s["cache_dir"]) if self.s["cache_dir"] else self.out / "cache"
         for spec in self.s["features"]:
-            spec = self._resolved_spec(spec)
+            spec = resolve_spec_paths(self.s, spec)
             embedder = build_embedder({k: v for k, v in spec.items() if k != "tau"}, pipe=self.pipe,
                                       device=self.pipe.unet.device)
             name = embedder.name
             train_feats = cached_embed(embedder, self.train.images, cache, desc=f"training features [{name}]")
             gen_feats = embedder.embed(self.generated, desc=f"generated features [{name}]")
             self.features[name] = {"embedder": embedder, "generated": gen_feats}
-            held_sims = None
+            held_sims, calibrated = None, None
+            rate = float(self.s["heldout_false_positive_rate"])
             if self.heldout is not None:
                 held_feats = embedder.embed(self.heldout.images, desc=f"held-out features [{name}]")
                 self.features[name]["heldout"] = held_feats
-                held_sims = nearest_neighbours(held_feats, train_feats, k=1)[0][:, 0].double().numpy()
+                calibrated, held_sims = calibrate_tau(held_feats, train_feats, rate)
             tau, source = spec.get("tau", DEFAULT_TAU), "config"
             if tau == "heldout":
-                source = f"held-out quantile {self.s['heldout_quantile']}"
-                tau = None if held_sims is None else float(np.quantile(held_sims, float(self.s["heldout_quantile"])))
+                source = f"held-out false-positive rate {rate:g}"
+                tau = calibrated
                 if tau is None:
                     self.state.skip(f"copy_detection[{name}] copy decision",
                                     "tau: heldout needs held-out images (--heldout); similarities are reported")
@@ -452,7 +453,7 @@ class Audit:
             embedder = features[wanted]["embedder"]
             real, fake = features[wanted]["heldout"], features[wanted]["generated"]
         else:
-            spec = self._resolved_spec(wanted if isinstance(wanted, dict) else {"type": wanted or "vae"})
+            spec = resolve_spec_paths(self.s, wanted if isinstance(wanted, dict) else {"type": wanted or "vae"})
             embedder = build_embedder({k: v for k, v in spec.items() if k != "tau"}, pipe=self.pipe,
                                       device=self.pipe.unet.device)
             real, fake = embedder.embed(self.heldout.images), embedder.embed(self.generated)
@@ -465,13 +466,6 @@ class Audit:
         self.state.metrics["quality"] = result
 
     # --- helpers -----------------------------------------------------------------------------------------------
-
-    def _resolved_spec(self, spec: dict) -> dict:
-        spec = dict(spec)
-        for key in ("checkpoint", "path", "weights", "config"):
-            if isinstance(spec.get(key), str):
-                spec[key] = str(resolve_path(self.s, spec[key]))
-        return spec
 
     def _per_prompt(self, values: np.ndarray, reduce) -> list:
         return [float(reduce(values[self.prompt_of_sample == p])) for p in range(len(self.prompts))]

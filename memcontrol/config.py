@@ -55,6 +55,15 @@ def resolve_path(cfg: dict, value: str | Path | None) -> Path | None:
     return (Path(cfg.get("_dir", ".")) / p).resolve()
 
 
+def resolve_spec_paths(cfg: dict, spec: dict) -> dict:
+    """An embedder spec with its file options made absolute against the config file's folder."""
+    spec = dict(spec)
+    for key in ("checkpoint", "path", "weights", "config"):
+        if isinstance(spec.get(key), str):
+            spec[key] = str(resolve_path(cfg, spec[key]))
+    return spec
+
+
 def section(cfg: dict, name: str) -> dict:
     value = cfg.get(name, {}) or {}
     if not isinstance(value, dict):

@@ -1,49 +1,56 @@
-"""Known-truth copies on real phantoms: what counts as a copy of a patient, and the detector's score against it."""
+"""Known-truth copies on real phantoms: a copy is a sample whose nearest patient, among the private ones and many
+other patients of the same site, is a private one; and the detector's score against that truth."""
 
 import math
 
 import pytest
 import torch
+from torchvision.transforms.functional import gaussian_blur
 
-from memcontrol.data import render_phantoms
-from memcontrol.metrics.ground_truth import patient_margins, precision_recall, true_copies
+from memcontrol.data import patient_seeds, render_phantoms
+from memcontrol.metrics.ground_truth import chance_rate, precision_recall, true_copies
+
+
+def as_images(pixels):
+    return torch.from_numpy(pixels).unsqueeze(1) * 2 - 1
 
 
 @pytest.fixture(scope="module")
 def cohort():
-    pixels, _ = render_phantoms(range(5000, 5010), size=64)
-    images = torch.from_numpy(pixels).unsqueeze(1) * 2 - 1
-    # private: patients a, b, c, with c's record duplicated, as in the bundled private cohort
-    private = torch.cat([images[:3], images[2:3]])
-    return private, ["a", "b", "c", "c"], images[3:]
+    private = as_images(render_phantoms(patient_seeds(70, 8), size=64)[0])
+    # private: patients a to h, with c's record duplicated, as in the bundled private cohort; 1,000 others
+    others = as_images(render_phantoms(patient_seeds(71, 1000), size=64)[0])
+    return torch.cat([private, private[2:3]]), list("abcdefghc"), others
 
 
-def test_margin_ignores_the_same_patients_duplicate_but_counts_every_other_patient(cohort):
-    private, keys, others = cohort
-    margins = patient_margins(private, keys, others)
-    assert torch.isfinite(margins).all() and (margins > 0).all()
-    every_other = torch.cat([private[:2], others]).flatten(1).double()
-    expected_c = torch.cdist(private[2:3].flatten(1).double(), every_other).min()
-    assert margins[2].item() == pytest.approx(expected_c.item())
-    assert margins[3].item() == pytest.approx(expected_c.item())
-
-
-def test_near_copies_are_attributed_and_averages_and_unseen_patients_are_not(cohort):
+def test_planted_copies_are_found_and_strangers_are_not(cohort):
     private, keys, others = cohort
     gen = torch.Generator().manual_seed(0)
-    near_b = private[1] + 0.02 * torch.randn(private[1].shape, generator=gen)
-    pair = (private[0] + private[1]) / 2
-    crowd = torch.cat([private[:3], others]).mean(0)
-    samples = torch.stack([near_b, pair, crowd, others[0], private[3]])
-    assert true_copies(samples, private, keys, others) == ["b", None, None, None, "c"]
-    # without the ratio condition, L2 takes both averages for copies
-    assert true_copies(samples[1:3], private, keys, others, ratio=math.inf) != [None, None]
+    blurred_b = gaussian_blur(private[1:2], kernel_size=7, sigma=1.5)[0]
+    noisy_a = private[0] + 0.1 * torch.randn(private[0].shape, generator=gen)
+    stranger = as_images(render_phantoms(patient_seeds(72, 1), size=64)[0])[0]
+    samples = torch.stack([blurred_b, noisy_a, private[8], stranger])
+    assert true_copies(samples, private, keys, others) == ["b", "a", "c", None]
+
+
+def test_a_blurred_average_of_patients_is_not_a_copy(cohort):
+    private, keys, others = cohort
+    # L2 favours blur: the blurred average of 64 patients of the site (the 8 private ones among them) is nearer to
+    # each of them than most patients are
+    blend = gaussian_blur(torch.cat([private[:8], others[:56]]).mean(0, keepdim=True), kernel_size=7, sigma=1.5)
+    assert true_copies(blend, private, keys, others) == [None]
+    # it is the other patients that reject it: against the private images alone it is a "copy"
+    assert true_copies(blend, private, keys, others[:0]) != [None]
 
 
 def test_resolution_mismatch_is_refused(cohort):
     private, keys, others = cohort
     with pytest.raises(ValueError, match="same resolution"):
         true_copies(torch.zeros(1, 1, 32, 32), private, keys, others)
+
+
+def test_chance_rate_is_the_private_share_of_the_patients():
+    assert chance_rate(12, 3988) == pytest.approx(0.003)
 
 
 def test_precision_and_recall_need_the_right_patient():

@@ -18,6 +18,7 @@ from memcontrol.cli import main
 REPO = Path(__file__).resolve().parent.parent
 BASE_MODEL = REPO / "data" / "base_model"
 HOSPITAL = REPO / "data" / "hospital"
+NETS = REPO / "data" / "metric_nets"
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +32,8 @@ def quick_run(tmp_path_factory):
         "model": {"path": str(BASE_MODEL), "device": "cpu"},
         "data": {"train": {"source": str(HOSPITAL / "private" / "manifest.csv")},
                  "heldout": {"source": str(HOSPITAL / "heldout" / "manifest.csv")}},
+        "objectives": {"memorization": {"features": {"type": "metric_net", "path": str(NETS / "copy_detector")}},
+                       "quality": {"features": {"type": "metric_net", "path": str(NETS / "domain")}}},
         "train": {"steps": 4, "warmup": 1},
         "sampling": {"prompts": 3, "quality_prompts": 3, "per_prompt": 1, "steps": 2},
         "early_stop": {"every": 2},
@@ -74,7 +77,7 @@ def test_the_exported_adapter_loads_in_a_fresh_diffusers_pipeline(quick_run):
 
 def test_the_benchmark_scores_the_run_against_the_truth(quick_run):
     done = subprocess.run([sys.executable, str(REPO / "bench" / "quickstart.py"), "--config",
-                           str(quick_run["config"]), "--run", str(quick_run["out"])],
+                           str(quick_run["config"]), "--run", str(quick_run["out"]), "--others", "200"],
                           capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr
     table = [line for line in done.stdout.splitlines() if line.startswith("| ")]
@@ -83,6 +86,4 @@ def test_the_benchmark_scores_the_run_against_the_truth(quick_run):
     # Every figure with its 95% interval: copy rate, mean similarity, FD, KID of each run.
     assert all(row.count(" [") >= 4 for row in table[1:])
     complete = sum(r["state"] == "complete" for r in csv.DictReader(open(quick_run["out"] / "trials.csv")))
-    for ratio in ("0.67", "0.50"):
-        assert f"detector against the truth (distance ratio {ratio}), pooled over {complete} evaluated runs" \
-            in done.stdout
+    assert f"pooled over {complete} evaluated runs" in done.stdout and "chance rate" in done.stdout

@@ -17,6 +17,8 @@ Kinds (the ``type`` of a spec given to ``build_embedder``):
   inception    Inception-v3 pool features from a local state dict: ``weights``; the pytorch-fid FID-Inception
                layout (1008 classes, TF-ported pooling) or torchvision's ``inception_v3`` layout, detected from the
                file or forced with ``layout``
+  metric_net   one of the synthetic hospital's own networks (``memcontrol.metrics.metric_nets``), a folder:
+               ``path`` (``data/metric_nets/domain`` for quality, ``data/metric_nets/copy_detector`` for copies)
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError, MissingWeightsError
+from .metric_nets import load_metric_net, to_grey
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -193,6 +196,22 @@ class TransformersEmbedder(ModuleEmbedder):
         return hidden[:, 0]
 
 
+class MetricNetEmbedder(Embedder):
+    """A shipped metric network: grey images at its own input size, its features as it gives them."""
+
+    def __init__(self, net, fingerprint: str, **kw):
+        super().__init__(**kw)
+        self.net = net.to(self.device)
+        self.name = net.config.kind
+        self._fingerprint = fingerprint
+
+    def fingerprint(self):
+        return self._fingerprint
+
+    def _features(self, images):
+        return self.net(to_grey(images, self.net.config.size))
+
+
 def _need_file(spec: dict, key: str, what: str, folder: bool = False) -> Path:
     value = spec.get(key)
     option = f"'{key}' in the {spec['type']} embedder spec"
@@ -293,6 +312,13 @@ def _inception(spec, device, batch_size):
                           (0.5, 0.5, 0.5), interpolation=interpolation, device=device, batch_size=batch_size)
 
 
+def _metric_net(spec, device, batch_size):
+    folder = _need_file(spec, "path", "metric network folder", folder=True)
+    net = load_metric_net(folder)
+    return MetricNetEmbedder(net, f"metric_net:{file_fingerprint(folder / 'model.safetensors')}", device=device,
+                             batch_size=batch_size)
+
+
 def build_embedder(spec: dict | str, pipe=None, device: str | torch.device = "cpu", batch_size: int = 32) -> Embedder:
     """An embedder from a spec such as {"type": "pixels", "size": 32} or {"type": "vae"} (see the module doc)."""
     if isinstance(spec, str):
@@ -307,7 +333,7 @@ def build_embedder(spec: dict | str, pipe=None, device: str | torch.device = "cp
             raise ConfigError("the vae embedder needs the pipeline under test")
         return VaeEmbedder(pipe.vae, device=device, batch_size=batch_size)
     builders = {"open_clip": _open_clip, "transformers": _transformers, "torchscript": _torchscript,
-                "inception": _inception}
+                "inception": _inception, "metric_net": _metric_net}
     if kind not in builders:
         raise ConfigError(f"unknown embedder type '{kind}' (use one of: pixels, vae, {', '.join(builders)})")
     return builders[kind](spec, device, batch_size)

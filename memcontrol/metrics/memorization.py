@@ -3,6 +3,8 @@
 * Copy detection (Somepalli et al. 2023; Carlini et al. 2023): the cosine similarity of each generated image's
   features to its nearest training image; a copy when it exceeds tau. Reports the fraction of copies, the mean and
   95th percentile of the similarities, and which training keys were copied how often.
+* Calibrated tau: the threshold that at most a stated share of held-out real patients (never trained on) exceed
+  in their similarity to the training set: their false-positive rate as copies.
 * Distance ratio (Yoon et al. 2023; Gu et al. 2023): in pixel space, a sample is memorized when
   d(x, NN1) / d(x, NN2) < 1/3, NN1 and NN2 its two nearest training images by L2. A training image present twice
   (duplicate records, common in real data) would be its own NN2 and make the ratio 0/0 or meaningless, so identical
@@ -73,6 +75,24 @@ def copy_detection(gen_feats, train_feats, train_keys: list[str], tau: float = D
             "attribution": _attribution(keys, flags),
             "samples": {"similarity": sims.tolist(), "nn_index": idx.tolist(), "nn_key": keys,
                         "is_copy": flags.tolist()}}
+
+
+def tau_at_false_positive_rate(heldout_similarities, rate: float) -> float:
+    """The smallest observed threshold that at most a share ``rate`` of held-out real patients exceed (each
+    patient's similarity to its nearest training image); ``rate`` 0 gives the largest similarity."""
+    values = np.sort(np.asarray(heldout_similarities, dtype=np.float64))
+    if len(values) == 0:
+        raise ValueError("calibrating tau needs at least one held-out similarity")
+    if not 0 <= rate < 1:
+        raise ValueError(f"the false-positive rate must be in [0, 1), got {rate}")
+    allowed = int(np.floor(rate * len(values) + 1e-9))  # how many held-out patients may lie above tau
+    return float(values[len(values) - 1 - allowed])
+
+
+def calibrate_tau(heldout_feats, train_feats, rate: float) -> tuple[float, np.ndarray]:
+    """tau at false-positive rate ``rate`` from held-out and training features, and the held-out similarities."""
+    sims = nearest_neighbours(heldout_feats, train_feats, k=1)[0][:, 0].double().numpy()
+    return tau_at_false_positive_rate(sims, rate), sims
 
 
 def _flat(images) -> torch.Tensor:

@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import resolve_path, section
+from ..config import resolve_path, resolve_spec_paths, section
 from ..errors import ConfigError
 from .selection import RULES
 from .space import as_number
@@ -162,6 +162,9 @@ def load_settings(cfg: dict, out_dir: str | Path, storage: str | None = None, n_
     for key in ("kid_subsets", "kid_subset_size"):
         _positive_int(objectives["quality"][key], f"objectives.quality.{key}", 2 if key == "kid_subset_size" else 1)
     _positive_int(objectives["bootstrap_resamples"], "objectives.bootstrap_resamples", 100)
+    for name in ("memorization", "quality"):
+        if isinstance(objectives[name].get("features"), dict):
+            objectives[name]["features"] = resolve_spec_paths(cfg, objectives[name]["features"])
     sampling = _merged(cfg, "sampling")
     for key in ("prompts", "quality_prompts", "per_prompt", "steps"):
         _positive_int(sampling[key], f"sampling.{key}")
