@@ -6,7 +6,8 @@
 For each format and size it writes phantoms to a temporary folder, then times two things over the whole set:
 `read` (decode one file to [0, 1] pixels: `memcontrol.data.read_image`) and `dataset` (decode and make the
 model tensor at the same resolution: `ImageCaptionDataset[i]`, what training and the audit pay per image).
-Building the dataset (which decodes each file once to check it) is timed too, as `check`.
+Building the dataset (which decodes each file once to check it) is timed too, as `check`; writing the DICOM
+phantoms themselves (`make_phantoms`: render, encode, write) as `write`.
 """
 
 from __future__ import annotations
@@ -64,17 +65,21 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=int, default=300, help="images per format at 64 px (fewer at larger sizes)")
     ap.add_argument("--sizes", type=int, nargs="+", default=[64, 512])
     args = ap.parse_args(argv)
-    print(f"{'format':<7}{'size':>6}{'images':>8}{'check img/s':>14}{'read img/s':>13}{'dataset img/s':>16}")
+    print(f"{'format':<7}{'size':>6}{'images':>8}{'write img/s':>13}{'check img/s':>14}{'read img/s':>13}"
+          f"{'dataset img/s':>16}")
     with tempfile.TemporaryDirectory(prefix="memcontrol-bench-") as tmp:
         for size in args.sizes:
             count = max(20, args.images * 64 // max(size, 64))  # fewer large images: time, not disk, is the limit
             root = Path(tmp) / f"dicom{size}"
+            start = time.perf_counter()
             dicom_manifest = make_phantoms(root, count, seed=0, size=size)
+            written = {"DICOM": rate(count, time.perf_counter() - start)}
             png_manifest = write_png_copy(root, Path(tmp) / f"png{size}")
             for name, manifest in (("DICOM", dicom_manifest), ("PNG", png_manifest)):
                 r = bench(manifest, size)
-                print(f"{name:<7}{size:>6}{count:>8}{r['check']:>14.0f}{r['read']:>13.0f}{r['dataset']:>16.0f}",
-                      flush=True)
+                write = f"{written[name]:>13.0f}" if name in written else f"{'-':>13}"
+                print(f"{name:<7}{size:>6}{count:>8}{write}{r['check']:>14.0f}{r['read']:>13.0f}"
+                      f"{r['dataset']:>16.0f}", flush=True)
     return 0
 
 
