@@ -40,10 +40,10 @@ DETECTORS = ['{"type": "metric_net", "path": "data/metric_nets/copy_detector"}',
 
 
 def load_private(settings):
-    from memcontrol.search.context import load_dataset
+    from memcontrol.data import load_source
     from memcontrol.search.objectives import dataset_pixels
 
-    dataset = load_dataset(settings.data["train"], settings.data["resolution"])
+    dataset = load_source(settings.data["train"], settings.data["resolution"])
     return dataset, torch.cat(list(dataset_pixels(dataset)))
 
 
@@ -143,7 +143,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = ap.parse_args(argv)
 
-    from memcontrol.config import load_config, resolve_spec_paths
+    from memcontrol.config import feature_spec, load_config
     from memcontrol.metrics import build_embedder
     from memcontrol.metrics.ground_truth import chance_rate, precision_recall, through_vae, true_copies
     from memcontrol.metrics.intervals import wilson
@@ -185,7 +185,7 @@ def main(argv=None) -> int:
           f"sets of {n_patients} (one per patient's report), and two planted sets")
     figures = {"samples": {k: len(v) for k, v in samples.items()}, "detectors": {}}
     for spec_text in args.detectors:
-        spec = resolve_spec_paths({"_dir": str(REPO)}, json.loads(spec_text))
+        spec = feature_spec(json.loads(spec_text), REPO)
         embedder = build_embedder(spec, pipe=pipe)
         t0 = time.perf_counter()
         train_feats = embedder.embed(private)

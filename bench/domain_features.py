@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    from memcontrol.config import load_config, resolve_spec_paths
+    from memcontrol.config import feature_spec, load_config
     from memcontrol.data.cohorts import private_site_heldout
     from memcontrol.data.transforms import to_model_tensor
     from memcontrol.metrics import build_embedder
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     idx = bootstrap_indices(args.samples, seed=args.seed)
     out = {}
     for text in args.features:
-        embedder = build_embedder(resolve_spec_paths({"_dir": str(REPO)}, json.loads(text)), pipe=pipe)
+        embedder = build_embedder(feature_spec(json.loads(text), REPO), pipe=pipe)
         t0 = time.perf_counter()
         ref = gaussian_stats(embedder.embed(reference).double().numpy())
         fd_base = resampled_frechet(embedder.embed(generated).double().numpy(), ref)

@@ -57,14 +57,15 @@ def vae_pooled(vae, images: torch.Tensor, batch: int = 64) -> np.ndarray:
     return torch.cat(out).double().numpy()
 
 
-def full_finetune(pipe, settings: dict, steps: int | None):
+def full_finetune(pipe, job, steps: int | None):
+    """Full fine-tuning as the quickstart's baseline trains (``job``: the config, ``memcontrol.config.read_config``)."""
     from memcontrol.data import ImageCaptionDataset
     from memcontrol.masks import Mask
     from memcontrol.training import TrainConfig, cache_training_data, finetune
 
     dataset = ImageCaptionDataset(REPO / "data" / "hospital" / "private" / "manifest.csv", resolution=64)
     cached = cache_training_data(pipe, dataset, None, progress=False)
-    train = dict(settings["train"], lr=float(settings["baselines"]["lr"]["full_ft"]))
+    train = {**job.train.model_dump(), "lr": job.baselines.lr.full_ft}
     if steps is not None:
         train["steps"] = steps
     cfg = TrainConfig.from_dict(train)
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = ap.parse_args(argv)
 
-    from memcontrol.config import load_config, resolve_path
+    from memcontrol.config import read_config
     from memcontrol.data import ImageCaptionDataset, patient_seeds, render_phantoms
     from memcontrol.data.cohorts import SEEDS, private_site_heldout
     from memcontrol.metrics import build_embedder
@@ -100,16 +101,16 @@ def main(argv=None) -> int:
     from memcontrol.training import pipeline_with_unet
 
     torch.manual_seed(0)
-    settings = load_config(args.config)
-    pipe = load_pipeline(resolve_path(settings, settings["model"]["path"]))
-    sampling = {k: settings["sampling"][k] for k in ("steps", "sampler", "guidance_scale")}
+    job = read_config(args.config)
+    pipe = load_pipeline(job.model.path)
+    sampling = {k: getattr(job.sampling, k) for k in ("steps", "sampler", "guidance_scale")}
     started = time.perf_counter()
     # One render: the first `samples` patients give the prompts and the floor row; the reference follows them.
     held, held_reports = private_site_heldout(args.samples + args.reference)
     prompts, floor_images, reference_images = held_reports[:args.samples], held[:args.samples], held[args.samples:]
     public_images, _ = render_phantoms(patient_seeds(SEEDS["public_chest"], args.samples), 64)
 
-    unet, train_set = full_finetune(pipe, settings, args.steps)
+    unet, train_set = full_finetune(pipe, job, args.steps)
     tuned = pipeline_with_unet(pipe, unet)
     generated = {}
     for name, model in (("base model", pipe), ("full fine-tune", tuned)):
@@ -145,11 +146,11 @@ def main(argv=None) -> int:
     gap = paired(fd[base], fd[tuned_name], indices)
     closed = paired(lambda i: fd[base](i) - fd[tuned_name](i), lambda i: fd[base](i) - fd[floor](i), indices,
                     combine=np.divide)
-    figures.update(gap.fields("fd_gain"), closed.fields("gap_closed"))
+    figures.update({**gap.fields("fd_gain"), **closed.fields("gap_closed")})
     print(f"FD base - fine-tuned: {gap}; share of the gap to the floor closed by full fine-tuning: {closed}")
 
     # Memorization, with the quickstart's own detector: VAE features (cosine), nearest private patient, tau.
-    tau = float(settings["objectives"]["memorization"]["tau"])
+    tau = job.objectives.memorization.tau
     vae = build_embedder({"type": "vae"}, pipe)
     first = {}
     for i, key in enumerate(train_set.keys):

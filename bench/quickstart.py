@@ -42,15 +42,15 @@ def real_images(settings, others: int):
     rendered in memory (the identity truth's other patients), all through the model's VAE."""
     import torch
 
+    from memcontrol.data import load_source, run_salt
     from memcontrol.data.cohorts import private_site_heldout
     from memcontrol.data.transforms import to_model_tensor
     from memcontrol.metrics.ground_truth import through_vae
     from memcontrol.models import load_pipeline
-    from memcontrol.search.context import load_dataset
     from memcontrol.search.objectives import dataset_pixels
 
     resolution = settings.data["resolution"]
-    dataset = load_dataset(settings.data["train"], resolution)
+    dataset = load_source(settings.data["train"], resolution, salt=run_salt(settings.out_dir))
     private = torch.cat(list(dataset_pixels(dataset)))
     rendered, _ = private_site_heldout(others, resolution)
     others = torch.stack([to_model_tensor(im, resolution, private.shape[1]) for im in rendered])
@@ -96,10 +96,11 @@ def score_runs(run: Path, rows: list[dict], settings, images) -> dict:
 def base_model_row(settings) -> dict:
     """The un-tuned base model, sampled and measured exactly as every run is: the reference both objectives start
     from."""
-    from memcontrol.search.context import build_context, pick_device
+    from memcontrol.config.devices import resolve_device
+    from memcontrol.search.context import build_context
     from memcontrol.search.objectives import measure, sample
 
-    ctx = build_context(settings, pick_device(settings.model["device"], 0))
+    ctx = build_context(settings, resolve_device(settings.model["device"], 0))
     metrics, _ = measure(settings, ctx.references, sample(settings, ctx.pipe, ctx.sample_prompts),
                          sample(settings, ctx.pipe, ctx.quality_prompts))
     return {"label": "base model, not fine-tuned", "chosen": "False", "trainable_percent": 0, "steps": 0,

@@ -32,7 +32,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from memcontrol.models import load_pipeline  # noqa: E402
-from memcontrol.search.context import build_context, load_dataset  # noqa: E402
+from memcontrol.data import load_source  # noqa: E402
+from memcontrol.search.context import build_context  # noqa: E402
 from memcontrol.search.objectives import measure, sample  # noqa: E402
 from memcontrol.search.selection import Point, select  # noqa: E402
 from memcontrol.search.settings import load_settings  # noqa: E402
@@ -101,7 +102,7 @@ def reference_style(settings, cands, refs, quality_prompts) -> tuple[float, list
     for cand in cands:
         t0 = time.perf_counter()
         pipe = load_pipeline(settings.model["path"], device=settings.model["device"])
-        train = load_dataset(settings.data["train"], settings.data["resolution"])
+        train = load_source(settings.data["train"], settings.data["resolution"])
         cfg = TrainConfig.from_dict({**settings.train, **cand.train})
         result = finetune(pipe, to_mask(cand), EncodeEveryStep(pipe, train), cfg, progress=False)
         row = {"status": result.status, "steps": result.steps}

@@ -19,6 +19,7 @@ COMMANDS = {
     "finetune": ("finetune", "fine-tune a model with a given mask and export the adapter"),
     "audit": ("audit", "measure memorization of a checkpoint and write a report"),
     "search": ("search", "search the parameter subset that limits memorization (MemControl)"),
+    "config": ("config", "check a config file, or show it merged with its presets and defaults"),
 }
 
 

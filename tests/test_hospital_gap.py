@@ -16,7 +16,7 @@ def test_full_finetuning_closes_a_significant_quality_gap():
         import hospital_gap as gap
     finally:
         sys.path.remove(str(REPO / "bench"))
-    from memcontrol.config import load_config
+    from memcontrol.config import read_config
     from memcontrol.data.cohorts import private_site_heldout
     from memcontrol.metrics.quality import gaussian_stats
     from memcontrol.models import load_pipeline
@@ -24,9 +24,9 @@ def test_full_finetuning_closes_a_significant_quality_gap():
     from memcontrol.training import pipeline_with_unet
 
     torch.manual_seed(0)
-    settings = load_config(REPO / "configs" / "quickstart.yaml")
+    job = read_config(REPO / "configs" / "quickstart.yaml")
     pipe = load_pipeline(REPO / "data" / "base_model")
-    unet, _ = gap.full_finetune(pipe, settings, steps=30)  # the quickstart's settings, 30 of its 500 steps
+    unet, _ = gap.full_finetune(pipe, job, steps=30)  # the quickstart's settings, 30 of its 500 steps
     held, reports = private_site_heldout(48 + 96)
     reference = gap.vae_pooled(pipe.vae, gap.as_model_images(held[48:]))
     fd = {}

@@ -10,7 +10,7 @@ from fixtures_metrics import random_inception
 from safetensors.torch import save_file
 
 from memcontrol.errors import ConfigError, MissingWeightsError
-from memcontrol.metrics import build_embedder, cached_embed, fd_name
+from memcontrol.metrics import build_embedder, cached_embed, distance_name
 from memcontrol.metrics.embedders import resize_normalise
 
 
@@ -121,8 +121,8 @@ def test_inception_layouts(inception_files):
     x = torch.rand(2, 3, 40, 40, generator=torch.Generator().manual_seed(2)) * 2 - 1
     tv = build_embedder({"type": "inception", "weights": str(inception_files["torchvision"])})
     fid = build_embedder({"type": "inception", "weights": str(inception_files["pytorch-fid"])})
-    assert (tv.name, fd_name(tv.name)) == ("inception-torchvision", "FD[inception-torchvision]")
-    assert (fid.name, fd_name(fid.name)) == ("inception", "FID")
+    assert (tv.name, distance_name(tv.name)) == ("inception-torchvision", "FD[inception-torchvision]")
+    assert (fid.name, distance_name(fid.name)) == ("inception", "FID")
     f_tv, f_fid = tv.embed(x), fid.embed(x)
     assert f_tv.shape == (2, 2048) and f_fid.shape == (2, 2048)
     # The pytorch-fid network pools like the TensorFlow original: the same weights run through torchvision's

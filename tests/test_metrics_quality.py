@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from memcontrol.metrics import fd_name, frechet_distance, kid, quality_report
+from memcontrol.metrics import distance_name, frechet_distance, kid, quality_report
 from memcontrol.metrics.quality import polynomial_mmd2
 
 
@@ -81,4 +81,4 @@ def test_quality_report_names_and_warns():
     big = quality_report(_features(100, 8, 11), _features(100, 8, 12), "inception", kid_subsets=5,
                          kid_subset_size=50)
     assert big["fd_name"] == "FID" and big["warnings"] == [] and big["preferred"] == "fd"
-    assert fd_name("inception-torchvision") == "FD[inception-torchvision]"
+    assert distance_name("inception-torchvision") == "FD[inception-torchvision]"

@@ -8,11 +8,10 @@ import yaml
 from fixtures_masks import CAPTIONS, phantom_like_images
 
 from memcontrol.cli import main
-from memcontrol.config import load_config, section
+from memcontrol.config import read_config
 from memcontrol.export import load_adapter
 from memcontrol.masks import Mask, load_mask
 from memcontrol.models import load_pipeline
-from memcontrol.training import TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -95,9 +94,8 @@ def test_missing_mask_and_bad_options_are_one_line_errors(tmp_path, tiny_pipe_di
 
 
 def test_example_config_is_valid():
-    cfg = load_config(REPO / "configs" / "finetune_example.yaml")
-    TrainConfig.from_dict(section(cfg, "train"))
-    mask = load_mask(cfg["mask"])
+    job = read_config(REPO / "configs" / "finetune_example.yaml")
+    mask = load_mask(job.mask)
     assert mask.family == "lora" and len(mask.sites) == 6
     assert np.isclose(mask.params["alpha"], 4.0)
-    assert section(cfg, "data")["resolution"] == 64
+    assert job.data.resolution == 64 and job.train.steps == 200

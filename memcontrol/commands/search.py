@@ -27,16 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from ..config import load_config
-    from ..errors import ConfigError
+    from ..errors import MemcontrolError
     from ..search.run import run_search
     from ..search.settings import load_settings
 
-    if args.workers is not None and args.workers < 1:
-        raise ConfigError(f"--workers must be at least 1, got {args.workers}")
-    if args.n_trials is not None and args.n_trials < 1:
-        raise ConfigError(f"--n-trials must be at least 1, got {args.n_trials}")
-    settings = load_settings(load_config(args.config), args.out, storage=args.storage, n_trials=args.n_trials,
+    settings = load_settings(args.config, args.out, storage=args.storage, n_trials=args.n_trials,
                              timeout=args.timeout, workers=args.workers)
     outputs = run_search(settings)
     counts = outputs.results.counts()
@@ -50,4 +45,10 @@ def run(args) -> int:
     if outputs.best is not None:
         print(f"exported adapter: {outputs.best}")
     print(f"report: {outputs.report}")
+    if outputs.stopped_workers:
+        raise MemcontrolError(f"{', '.join(outputs.stopped_workers)} stopped with an error (see above); the study "
+                              "is incomplete")
+    if not counts.get("complete"):
+        first = outputs.results.first_failure()
+        raise MemcontrolError("no trial completed" + (f"; the first failure, {first}" if first else ""))
     return 0

@@ -1,6 +1,6 @@
 """Data ingest (images, DICOM, manifests) and the synthetic hospital of phantom chest radiographs."""
 
-from .dataset import ImageCaptionDataset, write_skipped
+from .dataset import ImageCaptionDataset, load_source, write_skipped
 from .dicom import DicomImage, is_dicom_file, patient_identifiers, read_dicom
 from .hospital import make_phantoms
 from .images import read_image
@@ -11,6 +11,7 @@ from .transforms import to_model_tensor
 
 __all__ = [
     "DicomImage", "Entry", "ImageCaptionDataset", "ItemReport", "describe_patient", "inspect_paths",
-    "is_dicom_file", "make_phantoms", "patient_identifiers", "patient_seeds", "pseudonym", "read_dicom",
-    "read_entries", "read_image", "render_phantom", "render_phantoms", "run_salt", "to_model_tensor", "write_skipped",
+    "is_dicom_file", "load_source", "make_phantoms", "patient_identifiers", "patient_seeds", "pseudonym",
+    "read_dicom", "read_entries", "read_image", "render_phantom", "render_phantoms", "run_salt", "to_model_tensor",
+    "write_skipped",
 ]

@@ -74,6 +74,21 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         return [e.path for e in self.entries]
 
 
+def load_source(spec: dict, resolution: int, limit: int | None = None, salt: str | None = None):
+    """The dataset a config's data source names (``{source, image_column, text_column, ...}``, as
+    ``memcontrol.config.schema.DataSource`` dumps it): the one reader of the ``data`` section, for every job.
+    With ``limit``, only the first items (quick runs); ``salt`` (the run folder's, ``run_salt``) pseudonymises keys
+    taken from file names."""
+    kwargs = {k: v for k, v in spec.items() if k != "source" and v is not None}
+    dataset = ImageCaptionDataset(spec["source"], resolution=resolution, salt=salt, **kwargs)
+    if limit is not None and limit < len(dataset):
+        subset = torch.utils.data.Subset(dataset, range(limit))
+        subset.captions, subset.keys = dataset.captions[:limit], dataset.keys[:limit]
+        subset.skipped = dataset.skipped
+        return subset
+    return dataset
+
+
 def check_entry(entry: Entry, frame: int | None = None, require_caption: bool = True):
     """Decoded pixels of a listed item, or `DataError` for a row problem, a missing caption or an unreadable image."""
     if entry.problem:

@@ -4,8 +4,8 @@ from .embedders import Embedder, build_embedder, cached_embed
 from .memorization import copy_detection, distance_ratio, extraction, tiled_l2
 from .nn_search import nearest_neighbours
 from .noise_norm import noise_norm
-from .quality import fd_name, frechet_distance, kid, quality_report
+from .quality import distance_name, frechet_distance, kid, quality_report
 
 __all__ = ["Embedder", "build_embedder", "cached_embed", "copy_detection", "distance_ratio", "extraction",
-           "fd_name", "frechet_distance", "kid", "nearest_neighbours", "noise_norm",
+           "distance_name", "frechet_distance", "kid", "nearest_neighbours", "noise_norm",
            "quality_report", "tiled_l2"]

@@ -339,10 +339,15 @@ def build_embedder(spec: dict | str, pipe=None, device: str | torch.device = "cp
     return builders[kind](spec, device, batch_size)
 
 
-def content_hash(images: torch.Tensor) -> str:
-    h = hashlib.sha256()
-    h.update(str(tuple(images.shape)).encode())
-    h.update(images.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
+def content_hash(images) -> str:
+    """A hash of the pixels (as float32) of a tensor or a dataset, read batch by batch: the same images give the same
+    hash whichever holds them, so that the audit and the search find each other's features."""
+    n, get = batches_of(images)
+    h = hashlib.sha256(str(n).encode())
+    for start in range(0, n, 64):
+        batch = get(start, min(n, start + 64)).detach().to(torch.float32).contiguous().cpu()
+        h.update(str(tuple(batch.shape[1:])).encode())
+        h.update(batch.numpy().tobytes())
     return h.hexdigest()
 
 
@@ -355,10 +360,10 @@ def feature_cache_key(embedder: Embedder, content_digest: str) -> str:
     return hashlib.sha256(f"{FEATURE_FORMAT}|{embedder.fingerprint()}|{content_digest}".encode()).hexdigest()[:24]
 
 
-def cached_embed(embedder: Embedder, images: torch.Tensor, cache_dir: str | Path | None,
-                 desc: str | None = None) -> torch.Tensor:
-    """Features of a fixed image set (the training set), computed once: the file name is a hash of the pixels and
-    of what the embedder depends on (its weights), so a changed image or weight file is a cache miss."""
+def cached_embed(embedder: Embedder, images, cache_dir: str | Path | None, desc: str | None = None) -> torch.Tensor:
+    """Features of a fixed image set (training or held-out images; a tensor or a dataset), computed once: the file
+    name is a hash of the pixels and of what the embedder depends on (its weights), so a changed image or weight file
+    is a cache miss. The one feature cache of the project: the search and the audit share it."""
     if cache_dir is None:
         return embedder.embed(images, desc=desc)
     from safetensors.torch import load_file, save_file
@@ -374,4 +379,3 @@ def cached_embed(embedder: Embedder, images: torch.Tensor, cache_dir: str | Path
     save_file({"features": feats.contiguous()}, str(tmp), metadata={"embedder": embedder.name})
     tmp.replace(path)
     return feats
-

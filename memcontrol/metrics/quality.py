@@ -80,7 +80,11 @@ def kid(f1, f2, subsets: int = 100, subset_size: int = 1000, seed: int = 0) -> t
     return float(np.mean(values)), float(np.std(values))
 
 
-def fd_name(feature_name: str) -> str:
+def distance_name(feature_name: str, metric: str = "fd") -> str:
+    """How a quality distance is named, by its feature space: "FID" only for the Fréchet distance on the standard
+    Inception features, else "FD[features]"; "KID[features]"."""
+    if metric == "kid":
+        return f"KID[{feature_name}]"
     return "FID" if feature_name == "inception" else f"FD[{feature_name}]"
 
 
@@ -99,7 +103,7 @@ def quality_report(real, generated, feature_name: str, kid_subsets: int = 100, k
     idx = bootstrap_indices(n_gen, seed=seed) if indices is None else indices
     fd = frechet_from_stats(*real_stats, *gaussian_stats(gen))
     kid_mean, _ = kid(real, gen, kid_subsets, kid_subset_size, seed)
-    out = {"features": feature_name, "fd_name": fd_name(feature_name),
+    out = {"features": feature_name, "fd_name": distance_name(feature_name),
            **interval(resampled_frechet(gen, real_stats), idx, value=fd).fields("fd"),
            **interval(resampled_mmd2(gen, _float64(real)), idx, value=kid_mean).fields("kid"),
            "n_real": n_real, "n_generated": n_gen, "dim": dim,

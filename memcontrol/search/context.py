@@ -7,14 +7,9 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from .settings import SearchSettings
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # settings.DTYPES
-
 
 @dataclass
 class SearchContext:
@@ -39,36 +34,12 @@ class SearchContext:
         return self.adaptable[key]
 
 
-def pick_device(spec: str, worker_index: int) -> str:
-    """``auto``: the worker's share of the visible GPUs (round robin), else the CPU."""
-    if spec != "auto":
-        return spec
-    if torch.cuda.is_available():
-        return f"cuda:{worker_index % torch.cuda.device_count()}"
-    return "cpu"
-
-
 def spread(items: list, n: int) -> list:
     """``n`` items evenly spaced over the list (all of them when there are fewer), in order."""
     if n >= len(items):
         return list(items)
     step = len(items) / n
     return [items[int(i * step)] for i in range(n)]
-
-
-def load_dataset(spec: dict, resolution: int, run_dir: Path, limit: int | None = None):
-    """A dataset of the search; keys that come from file names are pseudonymised with the run folder's salt."""
-    from torch.utils.data import Subset
-
-    from ..data import ImageCaptionDataset, run_salt
-
-    kwargs = {k: v for k, v in spec.items() if k != "source"}
-    dataset = ImageCaptionDataset(spec["source"], resolution=resolution, salt=run_salt(run_dir), **kwargs)
-    if limit is not None and limit < len(dataset):
-        subset = Subset(dataset, range(limit))
-        subset.captions, subset.keys = dataset.captions[:limit], dataset.keys[:limit]
-        return subset
-    return dataset
 
 
 def preload() -> None:
@@ -79,20 +50,23 @@ def preload() -> None:
 
 
 def build_context(settings: SearchSettings, device: str, progress: bool = True) -> SearchContext:
+    from ..config.devices import torch_dtype
+    from ..data import load_source, run_salt
     from ..models import load_pipeline
     from ..training import cache_training_data
     from .objectives import build_references, probe_embeddings, probe_signal
 
-    pipe = load_pipeline(settings.model["path"], device=device, dtype=DTYPES[settings.model["dtype"]],
+    pipe = load_pipeline(settings.model["path"], device=device, dtype=torch_dtype(settings.model["dtype"]),
                          option="model.path")
     data = settings.data
-    train_set = load_dataset(data["train"], data["resolution"], settings.out_dir, data["max_train"])
-    heldout = load_dataset(data["heldout"], data["resolution"], settings.out_dir)
+    salt = run_salt(settings.out_dir)  # keys that come from file names are pseudonymised with the run's salt
+    train_set = load_source(data["train"], data["resolution"], data["max_train"], salt=salt)
+    heldout = load_source(data["heldout"], data["resolution"], salt=salt)
     cached = cache_training_data(pipe, train_set, Path(data["cache_dir"]), progress=progress)
     captions = list(train_set.captions)
     sample_prompts = spread(captions, settings.sampling["prompts"])
     quality_prompts = spread(list(heldout.captions), settings.sampling["quality_prompts"])
-    references = build_references(settings, pipe, train_set, heldout, cached.digest)
+    references = build_references(settings, pipe, train_set, heldout)
     probe, base = None, None
     if settings.early_stop["enabled"]:
         probe = probe_embeddings(pipe, spread(captions, settings.early_stop["probe_prompts"]))

@@ -8,7 +8,6 @@ samples and the held-out images. The references (training and held-out features)
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,37 +33,15 @@ def dataset_pixels(dataset, batch_size: int = 64):
         yield torch.stack([dataset[i]["pixel_values"] for i in range(start, min(start + batch_size, len(dataset)))])
 
 
-def embed_dataset(embedder, dataset, cache_dir: Path | None = None, digest: str | None = None) -> torch.Tensor:
-    """Features of a dataset, batch by batch; kept in ``cache_dir`` when the dataset's content ``digest`` (the
-    training cache's hash of pixels and captions) is known, so that later workers and runs read them back."""
-    from safetensors.torch import load_file, save_file
-
-    from ..metrics.embedders import feature_cache_key
-
-    path = None
-    if cache_dir is not None and digest is not None:
-        key = feature_cache_key(embedder, digest)
-        path = Path(cache_dir) / f"features-{key}.safetensors"
-        if path.is_file():
-            return load_file(str(path))["features"]
-    feats = torch.cat([embedder.embed(batch).float().cpu() for batch in dataset_pixels(dataset)])
-    if path is not None:
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({"features": feats.contiguous()}, str(tmp))
-        tmp.replace(path)
-    return feats
-
-
 def quality_name(settings: SearchSettings) -> str:
-    from ..metrics import fd_name
+    from ..metrics import distance_name
 
     q = settings.objectives["quality"]
-    features = q["features"].get("type", "?")
-    return f"KID[{features}]" if q["metric"] == "kid" else fd_name(features)
+    return distance_name(q["features"]["type"], q["metric"])
 
 
-def build_references(settings: SearchSettings, pipe, train_set, heldout, train_digest: str) -> References:
-    from ..metrics import build_embedder
+def build_references(settings: SearchSettings, pipe, train_set, heldout) -> References:
+    from ..metrics import build_embedder, cached_embed
     from ..metrics.quality import gaussian_stats
 
     mem, qual = settings.objectives["memorization"], settings.objectives["quality"]
@@ -75,9 +52,9 @@ def build_references(settings: SearchSettings, pipe, train_set, heldout, train_d
     pixels = (torch.cat(list(dataset_pixels(train_set)))
               if settings.memorization_metric == "distance_ratio_fraction" else None)
     cache = Path(settings.data["cache_dir"])
-    heldout_features = embed_dataset(qual_embedder, heldout)
+    heldout_features = cached_embed(qual_embedder, heldout, cache)
     stats = gaussian_stats(heldout_features) if len(heldout_features) >= 2 else None
-    return References(mem_embedder, qual_embedder, embed_dataset(mem_embedder, train_set, cache, train_digest),
+    return References(mem_embedder, qual_embedder, cached_embed(mem_embedder, train_set, cache),
                       list(train_set.keys), heldout_features, stats, pixels)
 
 

@@ -77,6 +77,11 @@ class Results:
             out[r.state] = out.get(r.state, 0) + 1
         return out
 
+    def first_failure(self) -> str | None:
+        """``label: reason`` of the first trial or baseline that failed, for a run where none completed."""
+        failed = [r for r in self.baselines + self.trials if r.state in ("failed", "stopped")]  # in running order
+        return next((f"{r.label}: {r.get(st.ATTR_REASON, 'no reason recorded')}" for r in failed), None)
+
     def early_stop_savings(self) -> dict:
         """Compute early stopping saved: the steps the stopped trials did not train, and an estimate of the time,
         from the completed trials' mean seconds per step and mean sampling + metric time."""

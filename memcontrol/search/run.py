@@ -35,6 +35,7 @@ class SearchOutputs:
     report: Path
     best: Path | None
     table: str
+    stopped_workers: list[str]   # workers of this command that ended with an error
 
 
 def prepare_studies(settings: SearchSettings) -> None:
@@ -85,11 +86,12 @@ def _worker_main(settings: SearchSettings, index: int, threads: int, first_ready
     run_worker(settings, index, progress=False)
 
 
-def run_workers(settings: SearchSettings, workers: int, progress: bool = True) -> None:
-    """Worker 0 runs in this process, the others in spawned processes (each loads its own model copy)."""
+def run_workers(settings: SearchSettings, workers: int, progress: bool = True) -> list[str]:
+    """Worker 0 runs in this process, the others in spawned processes (each loads its own model copy). Returns the
+    names of the spawned workers that ended with an error (worker 0's error propagates)."""
     if workers <= 1:
         run_worker(settings, 0, progress=progress)
-        return
+        return []
     import torch
 
     ctx = multiprocessing.get_context("spawn")
@@ -108,7 +110,8 @@ def run_workers(settings: SearchSettings, workers: int, progress: bool = True) -
             p.join()
     failed = [p.name for p in procs if p.exitcode]
     if failed:
-        log.warning("%s stopped with an error; run the same command again to finish the study", ", ".join(failed))
+        log.error("%s stopped with an error (see above)", ", ".join(failed))
+    return failed
 
 
 def prune_adapters(settings: SearchSettings, results: Results) -> None:
@@ -161,13 +164,14 @@ def retrain(settings: SearchSettings, number: int) -> Path:
     """Train trial ``number`` again from its stored parameters (same seed: the same adapter)."""
     from optuna.trial import FixedTrial
 
-    from .context import build_context, pick_device
+    from ..config.devices import resolve_device
+    from .context import build_context
     from .trial import evaluate_candidate
     from .worker import bind_space
 
     log.info("the adapter of trial %d is not in this folder; training it again", number)
     study = optuna.load_study(storage=open_search_storage(settings), study_name=settings.study_name)
-    ctx = build_context(settings, pick_device(settings.model["device"], 0))
+    ctx = build_context(settings, resolve_device(settings.model["device"], 0))
     candidate = bind_space(settings, ctx.pipe.unet).sample(FixedTrial(study.trials[number].params))
     folder = settings.out_dir / "retrained" / str(number)
     outcome = evaluate_candidate(ctx, candidate, folder, early_stop=False, keep_adapter=True)
@@ -178,7 +182,7 @@ def retrain(settings: SearchSettings, number: int) -> Path:
     return folder / "adapter"
 
 
-def finalize(settings: SearchSettings) -> SearchOutputs:
+def finalize(settings: SearchSettings, stopped_workers: list[str] | None = None) -> SearchOutputs:
     from .report import comparison_table, plot_front_html, plot_front_png, write_csv
     from .report_html import write_report
 
@@ -191,15 +195,18 @@ def finalize(settings: SearchSettings) -> SearchOutputs:
     prune_adapters(settings, results)
     best = export_best(settings, results)
     report = write_report(settings, results, out / "report.html")
-    return SearchOutputs(results, report, best, comparison_table(results, settings))
+    return SearchOutputs(results, report, best, comparison_table(results, settings), stopped_workers or [])
 
 
 def run_search(settings: SearchSettings, progress: bool = True) -> SearchOutputs:
+    from ..runs import claim_out_dir
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    settings.out_dir.mkdir(parents=True, exist_ok=True)
+    claim_out_dir(settings.out_dir, "search")
     prepare_studies(settings)
+    stopped = []
     if work_left(settings):
-        run_workers(settings, settings.search["workers"], progress=progress)
+        stopped = run_workers(settings, settings.search["workers"], progress=progress)
     else:
         log.info("the study has used its budget (%d trials); rebuilding the outputs", settings.n_trials)
-    return finalize(settings)
+    return finalize(settings, stopped)

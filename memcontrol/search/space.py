@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..config import load_config
+from ..config.base import as_number
 from ..errors import ConfigError
 from ..masks.spec import FAMILIES, FAMILY_PARAMS
 
@@ -56,11 +57,6 @@ def _number(value, where: str):
         except ValueError:
             raise ConfigError(f"{where}: '{value}' is not a number") from None
     return value
-
-
-def as_number(value):
-    """A YAML value that PyYAML left as a string although it is a number (``1e-4``), as a float; else as it is."""
-    return float(value) if isinstance(value, str) and _looks_numeric(value) else value
 
 
 class Dimension:
@@ -108,14 +104,6 @@ class Dimension:
         return self.kind != "fixed"
 
 
-def _looks_numeric(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return any(ch.isdigit() for ch in text)
-
-
 @dataclass
 class Switch:
     """An on/off parameter of the space and the sites it turns on."""
@@ -127,30 +115,21 @@ class SearchSpace:
     """A parsed ``space`` section; ``bind(site_names)`` ties it to a model's sites."""
 
     def __init__(self, spec: dict):
+        from ..config.base import validated
+        from ..config.schema import SpaceSection
+
         if not isinstance(spec, dict):
             raise ConfigError(f"space must be a mapping or a preset name ({', '.join(PRESETS)}), got {spec!r}")
-        known = {"granularity", "kinds", "sites", "exclude", "group_by", "family", "family_params", "train"}
-        unknown = sorted(set(spec) - known)
-        if unknown:
-            raise ConfigError(f"space: unknown keys {unknown} (known: {sorted(known)})")
         self.spec = spec
-        self.granularity = spec.get("granularity", "block")
-        if self.granularity not in ("block", "role"):
-            raise ConfigError(f"space.granularity must be 'block' or 'role', got {self.granularity!r}")
-        self.kinds = list(spec.get("kinds") or [])
-        self.patterns = list(spec.get("sites") or [])
-        self.exclude = list(spec.get("exclude") or [])
-        self.group_by = spec.get("group_by", "site")
-        if self.group_by not in ("site", "block"):
-            raise ConfigError(f"space.group_by must be 'site' or 'block', got {self.group_by!r}")
-        self.family = Dimension("family", spec.get("family", "lora"))
+        checked = validated(SpaceSection, spec, prefix=("space",))  # keys and their types; the values follow
+        self.granularity, self.group_by = checked.granularity, checked.group_by
+        self.kinds, self.patterns, self.exclude = checked.kinds, checked.sites, checked.exclude
+        self.family = Dimension("family", checked.family)
         families = self.family.choices if self.family.kind == "categorical" else [self.family.value]
         bad = [f for f in families if f not in FAMILIES]
         if bad:
             raise ConfigError(f"space.family: unknown {bad}; families are {', '.join(FAMILIES)}")
-        family_params = spec.get("family_params") or {}
-        if not isinstance(family_params, dict) or any(not isinstance(v, dict) for v in family_params.values()):
-            raise ConfigError("space.family_params must map a family name to a mapping of its parameters")
+        family_params = checked.family_params
         for fam, params in family_params.items():
             allowed = FAMILY_PARAMS.get(fam)
             if allowed is None:
@@ -161,7 +140,7 @@ class SearchSpace:
                                   f"(allowed: {', '.join(allowed) or 'none'})")
         self.family_params = {fam: [Dimension(f"{fam}.{k}", v) for k, v in params.items()]
                               for fam, params in family_params.items()}
-        self.train = [Dimension(k, v) for k, v in (spec.get("train") or {}).items()]
+        self.train = [Dimension(k, v) for k, v in checked.train.items()]
         self.switches: list[Switch] | None = None
 
     def bind(self, sites) -> "SearchSpace":

@@ -1,11 +1,14 @@
 """One candidate, evaluated: mask -> fine-tune (stopped early on the noise-norm signal) -> samples -> metrics.
 
-``evaluate_candidate`` is the small function the search calls for every trial and baseline. It never raises for a
-bad candidate: an exception, a non-finite loss or metric, or running out of memory comes back as a failed
-``Outcome`` with its reason, so that the study goes on. Everything a trial produces goes to its folder:
-``mask.json``, ``metrics.json`` (status, reason, metrics with their 95% intervals, compute), ``samples/`` and
-``samples.png`` (the memorization samples, from training captions; the quality samples, from held-out captions, are
-measured and not kept), and, when asked, the trained ``adapter/`` in the export format.
+``evaluate_candidate`` is the small function the search calls for every trial and baseline. It never raises: what
+went wrong comes back as the ``Outcome``'s status, decided here in one place (``classify``). A failure of the
+candidate itself (a non-finite loss or metric, a diverged run, out of memory, a mask its family cannot train) is
+``failed``: recorded, and the study goes on. Any other exception is a configuration or programming error that
+would fail every candidate alike: ``error``, on which the worker stops the study. Everything a trial produces goes
+to its folder: ``mask.json``, ``metrics.json`` (status, reason, metrics with their 95% intervals, compute),
+``samples/`` and ``samples.png`` (the memorization samples, from training captions; the quality samples, from
+held-out captions, are measured and not kept), ``error.txt`` (the traceback of an exception) and, when asked, the
+trained ``adapter/`` in the export format.
 """
 
 from __future__ import annotations
@@ -27,12 +30,12 @@ from .space import Candidate
 
 log = logging.getLogger(__name__)
 
-OK, STOPPED, FAILED = "ok", "stopped", "failed"
+OK, STOPPED, FAILED, ERROR = "ok", "stopped", "failed", "error"
 
 
 @dataclass
 class Outcome:
-    status: str                    # ok | stopped | failed
+    status: str                    # ok | stopped | failed | error
     reason: str | None = None
     metrics: dict = field(default_factory=dict)    # scalar metrics; "memorization" and "quality" are the objectives
     compute: dict = field(default_factory=dict)    # steps, step_budget, *_seconds, early_stopped
@@ -68,6 +71,20 @@ class NoiseNormStop:
         return None
 
 
+def classify(err: Exception) -> str:
+    """``failed`` when the exception is the candidate's own failure, ``error`` when it is not (a wrong setting, a
+    missing file, a bug): such an error would repeat on every candidate, so the study must stop on it."""
+    import numpy as np
+
+    from ..errors import MaskError
+
+    out_of_memory = isinstance(err, torch.cuda.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and "out of memory" in str(err).lower())
+    # A collapsed model's samples can make the covariance of the quality metric singular.
+    degenerate = isinstance(err, (np.linalg.LinAlgError, FloatingPointError))
+    return FAILED if out_of_memory or degenerate or isinstance(err, MaskError) else ERROR
+
+
 def to_mask(candidate: Candidate, adaptable: set[str] | None = None):
     """The candidate's mask. With ``adaptable`` (the sites where its family has something to train), switched-on
     sites where the family trains nothing are left out, rather than failing the trial: a space that offers norms
@@ -89,15 +106,13 @@ def evaluate_candidate(ctx: SearchContext, candidate: Candidate, folder: Path, e
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "candidate.json").write_text(json.dumps(candidate.to_dict(), indent=2) + "\n")
     start = time.perf_counter()
-    outcome = Outcome(FAILED)
     try:
         outcome = _evaluate(ctx, candidate, folder, early_stop, keep_adapter, progress)
-    except MemcontrolError as err:
-        outcome.reason = str(err)
-    except Exception as err:  # noqa: BLE001 - any error of one candidate is that trial's failure, not the study's
-        outcome.reason = f"{type(err).__name__}: {err}".strip()
+    except Exception as err:  # noqa: BLE001 - every outcome is mapped here, once; the worker acts on the status
+        reason = str(err) if isinstance(err, MemcontrolError) else f"{type(err).__name__}: {err}".strip()
+        outcome = Outcome(classify(err), reason)
         (folder / "error.txt").write_text(traceback.format_exc())
-        log.error("trial in %s failed: %s (traceback in error.txt)", folder, outcome.reason)
+        log.error("trial in %s: %s: %s (traceback in error.txt)", folder, outcome.status, outcome.reason)
     finally:
         if torch.cuda.is_available():
             # The trained copy may sit in reference cycles (peft, accelerate): free its GPU memory before the next.

@@ -14,16 +14,22 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from ..config.devices import resolve_device
+from ..errors import MemcontrolError
 from . import study as st
 from .baselines import BASELINE_ATTR, baseline_candidate
-from .context import SearchContext, build_context, pick_device
+from .context import SearchContext, build_context
 from .settings import SearchSettings
 from .space import SearchSpace, load_space
-from .trial import FAILED, OK, STOPPED, Outcome, evaluate_candidate
+from .trial import ERROR, FAILED, OK, STOPPED, Outcome, evaluate_candidate
 
 log = logging.getLogger(__name__)
 
-STATES = {OK: TrialState.COMPLETE, STOPPED: TrialState.PRUNED, FAILED: TrialState.FAIL}
+STATES = {OK: TrialState.COMPLETE, STOPPED: TrialState.PRUNED, FAILED: TrialState.FAIL, ERROR: TrialState.FAIL}
+
+
+class StudyStopped(MemcontrolError):
+    """A trial met a configuration or programming error: every other trial would meet it too."""
 
 
 def open_search_storage(settings: SearchSettings) -> optuna.storages.BaseStorage:
@@ -59,7 +65,7 @@ def record(trial: optuna.trial.Trial, candidate, outcome: Outcome, folder: Path,
         trial.set_user_attr("trainable_percent", outcome.trainable_percent)
     for key, value in {**outcome.metrics, **outcome.compute}.items():
         trial.set_user_attr(key, value)
-    if outcome.status != FAILED:
+    if outcome.status not in (FAILED, ERROR):
         st.record_constraints(trial, settings.constraints, outcome.metrics)
 
 
@@ -79,6 +85,10 @@ def run_trial(study: optuna.Study, trial: optuna.trial.Trial, ctx: SearchContext
     study.tell(trial, values, state=STATES[outcome.status])
     log.info("trial %s: %s%s", folder.name, outcome.status,
              f" memorization={values[0]:.4g} quality={values[1]:.4g}" if values else f" ({outcome.reason})")
+    if outcome.status == ERROR:
+        raise StudyStopped(f"{folder.relative_to(settings.out_dir)} stopped the study: {outcome.reason} (not a "
+                           f"failure of that candidate but an error every trial would meet; traceback in "
+                           f"{folder / 'error.txt'})")
     return outcome
 
 
@@ -133,7 +143,7 @@ def run_worker(settings: SearchSettings, worker_index: int = 0, progress: bool =
     start = time.monotonic()
     deadline = start + settings.search["timeout"] if settings.search["timeout"] else None
     storage = open_search_storage(settings)
-    device = pick_device(settings.model["device"], worker_index)
+    device = resolve_device(settings.model["device"], worker_index)
     ctx = build_context(settings, device, progress=progress)
     if on_ready is not None:
         on_ready()

@@ -12,12 +12,16 @@ import copy
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from tqdm.auto import tqdm
 
+from ..config.base import Section, validated
+from ..config.devices import Device, resolve_device
 from ..errors import ConfigError
 from ..masks import AppliedMask, Mask, apply_mask
 
@@ -28,64 +32,31 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
-@dataclass
-class TrainConfig:
-    """Settings of one fine-tuning run. ``warmup`` is in steps; ``grad_clip`` 0 turns clipping off;
-    ``caption_dropout`` is the probability of training an item on the empty prompt (for classifier-free
-    guidance); ``mixed_precision`` is accelerate's ("no", "fp16" on CUDA, "bf16"); ``device`` is where training runs
-    (default: where the pipeline's UNet is)."""
+class TrainConfig(Section):
+    """Settings of one fine-tuning run (the ``train`` section of a config). ``warmup`` is in steps; ``grad_clip`` 0
+    turns clipping off; ``caption_dropout`` is the probability of training an item on the empty prompt (for
+    classifier-free guidance); ``mixed_precision`` is accelerate's ("no", "fp16" on CUDA, "bf16"); ``device`` is
+    where training runs (default: where the pipeline's UNet is)."""
 
-    steps: int = 500
-    lr: float = 1e-4
-    batch_size: int = 8
-    warmup: int = 0
-    schedule: str = "constant"
-    grad_clip: float = 1.0
-    caption_dropout: float = 0.1
-    seed: int = 0
-    mixed_precision: str = "no"
+    steps: int = Field(500, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(8, ge=1)
+    warmup: int = Field(0, ge=0)
+    schedule: Literal[tuple(SCHEDULES)] = "constant"
+    grad_clip: float = Field(1.0, ge=0)
+    caption_dropout: float = Field(0.1, ge=0, lt=1)
+    seed: int = Field(0, ge=0)
+    mixed_precision: Literal[MIXED_PRECISION] = "no"
     gradient_checkpointing: bool = False
-    weight_decay: float = 1e-2
-    device: str | None = None
-
-    def __post_init__(self):
-        for name, minimum in (("steps", 1), ("batch_size", 1), ("warmup", 0), ("seed", 0)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-                raise ConfigError(f"train.{name} must be an integer >= {minimum}, got {value!r}")
-        for name in ("lr", "grad_clip", "weight_decay", "caption_dropout"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"train.{name} must be a non-negative number, got {value!r}")
-        if self.lr == 0:
-            raise ConfigError("train.lr must be positive")
-        if self.caption_dropout >= 1:
-            raise ConfigError(f"train.caption_dropout must be below 1, got {self.caption_dropout!r}")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"train.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise ConfigError(f"train.mixed_precision must be one of {', '.join(MIXED_PRECISION)}, "
-                              f"got {self.mixed_precision!r}")
-        if not isinstance(self.gradient_checkpointing, bool):
-            raise ConfigError("train.gradient_checkpointing must be true or false")
-        if self.device is not None:
-            try:
-                torch.device(self.device)
-            except (RuntimeError, TypeError):
-                raise ConfigError(f"train.device {self.device!r} is not a torch device (cpu, cuda, cuda:1...)"
-                                  ) from None
+    weight_decay: float = Field(1e-2, ge=0)
+    device: Device | None = None
 
     @classmethod
-    def from_dict(cls, data: dict | None) -> TrainConfig:
-        data = dict(data or {})
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ConfigError(f"unknown train option(s) {sorted(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**data)
+    def from_dict(cls, data: dict | None, where: str | None = None) -> TrainConfig:
+        return validated(cls, dict(data or {}), where, prefix=("train",))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return self.model_dump()
 
 
 @dataclass
@@ -190,7 +161,7 @@ def finetune(pipe, mask: Mask, cached, cfg: TrainConfig | None = None, callback=
     from diffusers.optimization import get_scheduler
 
     cfg = cfg or TrainConfig()
-    device = torch.device(cfg.device) if cfg.device else _device_of(pipe.unet)
+    device = torch.device(resolve_device(cfg.device)) if cfg.device else _device_of(pipe.unet)
     if cfg.mixed_precision == "fp16" and device.type != "cuda":
         raise ConfigError("train.mixed_precision fp16 needs a CUDA device; use bf16 or no on CPU")
     unet = copy.deepcopy(pipe.unet).to(device)
