@@ -73,7 +73,8 @@ def test_base_presets_merge_deeply_and_show_fills_every_default(tmp_path, capsys
     assert shown["objectives"]["memorization"] == {"metric": "p95_similarity", "features": {"type": "pixels",
                                                                                              "size": 16}, "tau": 0.7}
     assert shown["baselines"]["lr"] == {"full_ft": 2.0e-3, "lora_attention": 1e-4, "bitfit_norm": 3.0e-3}
-    assert shown["objectives"]["quality"] == {"metric": "fd", "features": {"type": "vae"}, "kid_subsets": 10}
+    assert shown["objectives"]["quality"] == {"metric": "fd", "features": {"type": "vae"}, "kid_subsets": 10,
+                                             "kid_subset_size": 1000}
     assert shown["model"]["path"] == str(tmp_path / "models" / "base")  # relative to the file that names it
     # What `show` prints reads back as the same configuration.
     assert read_config(_write(tmp_path / "shown.yaml", shown)) == read_config(mine)
