@@ -76,6 +76,22 @@ def test_keys_from_file_names_are_pseudonymised_unless_a_key_column_is_named(nam
         f"p{i}" for i in range(len(plain))]
 
 
+def test_a_skipped_file_is_recorded_under_its_pseudonym_not_its_name(named_cohort, tmp_path):
+    """`skipped.csv` is an output too: a bad file named by its accession number is listed by pseudonym and line."""
+    folder = tmp_path / "bad"
+    shutil.copytree(named_cohort["train"].parent, folder)
+    broken = sorted(folder.glob("*.dcm"))[0]
+    broken.write_bytes(b"not a DICOM file")
+    salted = ImageCaptionDataset(folder / "manifest.csv", resolution=16, on_error="skip", salt="s1")
+    assert len(salted.skipped) == 1
+    (shown, problem), = salted.skipped
+    assert shown.startswith(pseudonym(broken.stem, "s1")) and "manifest.csv line" in shown
+    assert broken.stem not in shown + problem
+    # Without a salt (a user's own tool, no run folder) the record keeps the path, to find the file.
+    unsalted = ImageCaptionDataset(folder / "manifest.csv", resolution=16, on_error="skip")
+    assert unsalted.skipped[0][0] == str(broken)
+
+
 def test_search_and_finetune_write_no_identifier(named_cohort, tiny_pipe_dir, tmp_path):
     data = {"train": named_cohort["train"], "heldout": named_cohort["heldout"]}
     # Baselines, a trial that fails (non-finite loss) and searched trials: every kind of output. (error.txt, the

@@ -45,7 +45,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             except DataError as err:
                 if on_error == "fail":
                     raise
-                self.skipped.append((err.path, err.problem))
+                self.skipped.append((_shown(entry, err.path, salt), err.problem))
                 continue
             self.entries.append(entry)
         if not self.entries:
@@ -72,6 +72,14 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     @property
     def paths(self) -> list[Path]:
         return [e.path for e in self.entries]
+
+
+def _shown(entry: Entry, path: str, salt: str | None) -> str:
+    """How the record of a skipped item names it. With a salt, an item whose key came from its file name is named by
+    that pseudonym (and its manifest line), never by its path: the name may be an MRN or an accession number."""
+    if salt is None or not entry.key_from_name:
+        return path
+    return entry.key if entry.path is not None and entry.origin == str(entry.path) else f"{entry.key} ({entry.origin})"
 
 
 def load_source(spec: dict, resolution: int, limit: int | None = None, salt: str | None = None):
