@@ -31,8 +31,9 @@ def _earlier_run_of(folder: Path, job: str) -> bool:
     return False
 
 
-def claim_out_dir(out: str | Path, job: str) -> Path:
-    """The output folder of a ``job`` run, created (or taken again when it holds a run of the same job)."""
+def claim_out_dir(out: str | Path, job: str, own: Path | None = None) -> Path:
+    """The output folder of a ``job`` run, created (or taken again when it holds a run of the same job). ``own`` is a
+    file the run itself keeps there (a search's journal storage, with its lock files), which is no foreign content."""
     folder = Path(out).expanduser()
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"--out {folder} is a file; give a folder for the {job} run (it is created if missing)")
@@ -45,11 +46,22 @@ def claim_out_dir(out: str | Path, job: str) -> Path:
         if owner != job:
             raise ConfigError(f"--out {folder} holds a memcontrol {owner or 'unknown'} run, not a {job} run; "
                               "choose another folder")
-    elif folder.is_dir() and any(folder.iterdir()) and not _earlier_run_of(folder, job):
-        shown = sorted(p.name for p in folder.iterdir())
+    elif folder.is_dir() and not _earlier_run_of(folder, job):
+        shown = sorted(p.name for p in folder.iterdir() if not _is_own(p, own))
+        if not shown or marker.is_file():  # the marker may have come meanwhile, from another worker of this run
+            return claim_out_dir(folder, job, own) if shown else _mark(folder, marker, job)
         listing = ", ".join(shown[:4]) + (", ..." if len(shown) > 4 else "")
         raise ConfigError(f"--out {folder} is not empty ({listing}) and holds no memcontrol {job} run; choose a new "
                           "or empty folder, so that nothing there is overwritten")
+    return _mark(folder, marker, job)
+
+
+def _is_own(path: Path, own: Path | None) -> bool:
+    return own is not None and path.parent.resolve() == own.parent.resolve() and (
+        path.name == own.name or path.name.startswith(own.name + "."))
+
+
+def _mark(folder: Path, marker: Path, job: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     if not marker.is_file():
         marker.write_text(json.dumps({"job": job, "memcontrol": __version__}) + "\n", encoding="utf-8")

@@ -158,7 +158,8 @@ def test_sigkill_one_of_two_workers_mid_trial(kind, tmp_path, tiny_pipe_dir, sea
     try:
         deadline, victim, study = time.monotonic() + 240, None, None
         while victim is None:
-            assert all(p.poll() is None for p in procs), "a worker ended before the kill"
+            ended = [p for p in procs if p.poll() is not None]
+            assert not ended, "a worker ended before the kill:\n" + "\n".join(p.communicate()[0] for p in ended)
             assert time.monotonic() < deadline, "no trial was caught in the middle of training"
             time.sleep(0.05)
             try:

@@ -202,7 +202,8 @@ def run_search(settings: SearchSettings, progress: bool = True) -> SearchOutputs
     from ..runs import claim_out_dir
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    claim_out_dir(settings.out_dir, "search")
+    url = settings.storage_url
+    claim_out_dir(settings.out_dir, "search", own=Path(url[len("journal:"):]) if url.startswith("journal:") else None)
     prepare_studies(settings)
     stopped = []
     if work_left(settings):
