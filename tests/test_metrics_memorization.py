@@ -65,6 +65,10 @@ def test_distance_ratio_finds_planted_duplicates_despite_duplicate_records(cohor
     # Grouping by key instead of pixels gives the same answer here (one image per patient).
     by_key = distance_ratio(generated, images, keys, distinct_by="key")
     assert _flagged(by_key["samples"]["is_memorized"]) == positions
+    # The mean ratio carries its bootstrap interval, which brackets it and has width (copies at 0, others near 1).
+    ratios = [r for r in result["samples"]["ratio"] if r is not None]
+    assert result["mean_ratio"] == pytest.approx(sum(ratios) / len(ratios), rel=1e-9)
+    assert result["mean_ratio_ci_low"] < result["mean_ratio"] < result["mean_ratio_ci_high"]
 
 
 def test_tiled_l2_finds_planted_duplicates(cohort, generated_with_copies):

@@ -178,7 +178,7 @@ def distance_ratio_check(run: AuditRun) -> None:
     size = cfg.size
     train = resized(run.train.images, size)
     kw = dict(threshold=cfg.threshold, distinct_by=cfg.distinct_by)
-    result = distance_ratio(resized(run.generated, size), train, run.train.keys, **kw)
+    result = distance_ratio(resized(run.generated, size), train, run.train.keys, indices=run.resamples, **kw)
     series = {"generated": result["samples"]["ratio"]}
     if run.heldout is not None:
         held = distance_ratio(resized(run.heldout.images, size), train, run.train.keys, **kw)

@@ -29,6 +29,7 @@ has none: no bootstrap interval of a maximum is trustworthy.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections import Counter
 
 import numpy as np
@@ -109,7 +110,8 @@ def unique_rows(flat: torch.Tensor) -> np.ndarray:
 
 
 def distance_ratio(gen_images, train_images, train_keys: list[str] | None = None,
-                   threshold: float = RATIO_THRESHOLD, distinct_by: str = "pixels") -> dict:
+                   threshold: float = RATIO_THRESHOLD, distinct_by: str = "pixels",
+                   indices: np.ndarray | None = None) -> dict:
     """The distance-ratio test in pixel space; identical training images are collapsed first (see module doc)."""
     if distinct_by not in ("pixels", "key"):
         raise ValueError("distinct_by must be 'pixels' or 'key'")
@@ -135,14 +137,27 @@ def distance_ratio(gen_images, train_images, train_keys: list[str] | None = None
         ratio = np.where(d2 > 0, d1 / d2, np.nan)
     flags = np.nan_to_num(ratio, nan=np.inf) < threshold
     nn_keys = [keys[i] for i in nn1]
-    valid = ratio[np.isfinite(ratio)]
     return {"metric": "distance_ratio", "threshold": threshold, "n": len(gen), "memorized": int(flags.sum()),
-            **_rate(int(flags.sum()), len(flags)),
-            "mean_ratio": float(valid.mean()) if len(valid) else None,
+            **_rate(int(flags.sum()), len(flags)), **_mean_ratio(ratio, indices),
             "training_duplicates_removed": int(len(_flat(train_images)) - len(keep)), "distinct_by": distinct_by,
             "attribution": _attribution(nn_keys, flags),
             "samples": {"ratio": [None if not np.isfinite(r) else float(r) for r in ratio], "nn_key": nn_keys,
                         "d1": d1.tolist(), "is_memorized": flags.tolist()}}
+
+
+def _mean_ratio(ratio: np.ndarray, indices: np.ndarray | None) -> dict:
+    """The mean of the defined ratios (a sample with no second distinct neighbour has none), with its interval."""
+    defined = np.where(np.isfinite(ratio), ratio, np.nan)
+    if not np.isfinite(defined).any():
+        return {"mean_ratio": None, "mean_ratio_ci_low": None, "mean_ratio_ci_high": None}
+    idx = bootstrap_indices(len(defined)) if indices is None else indices
+
+    def statistic(rows):
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a resample holding no defined ratio gives NaN
+            return np.nanmean(defined[rows], axis=1)
+
+    return interval(statistic, idx).fields("mean_ratio")
 
 
 def _tiles(images, grid: int) -> torch.Tensor:
