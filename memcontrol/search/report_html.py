@@ -133,7 +133,7 @@ def write_report(settings: SearchSettings, results: Results, path: Path) -> Path
     if chosen is not None and results.controls:
         rep.add_heading("Controls: which sites, or how much training?")
         rep.add_table([_cells(r) for r in [chosen, *results.controls]], columns=ROW_HEADER,
-                      caption="The chosen candidate, then random masks (sites drawn at random, at its granularity) "
+                      caption="The chosen candidate, then random masks (sites of the search space drawn at random) "
                               f"with its family, learning rate and trainable share (within "
                               f"{settings.controls['share_tolerance']:.0%}), and LoRA on all attention at its "
                               "learning rate. Where the chosen candidate is not better than its random masks beyond "

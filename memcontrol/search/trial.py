@@ -111,11 +111,11 @@ def evaluate_candidate(ctx: SearchContext, candidate: Candidate, folder: Path, e
     ``adapter``: an exported adapter of this candidate, loaded instead of training (trained again, from the same
     seed, when the folder holds no finished export). ``sampling_seed``: sample from this seed, not
     ``sampling.seed``."""
+    from ..export import is_exported
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "candidate.json").write_text(json.dumps(candidate.to_dict(), indent=2) + "\n")
-    from ..export import is_exported
-
     start = time.perf_counter()
     try:
         settings = ctx.settings if sampling_seed is None else replace(

@@ -23,7 +23,7 @@ from .context import SearchContext, build_context
 from .progress import Progress
 from .settings import SearchSettings
 from .space import SearchSpace, load_space
-from .trial import ERROR, FAILED, OK, STOPPED, Outcome, evaluate_candidate
+from .trial import ERROR, FAILED, NO_TRAINING, OK, STOPPED, Outcome, evaluate_candidate
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,8 @@ def record(trial: optuna.trial.Trial, candidate, outcome: Outcome, folder: Path,
     trial.set_user_attr(st.ATTR_STATUS, outcome.status)
     trial.set_user_attr("family", candidate.family)
     trial.set_user_attr("n_sites", len(candidate.sites))
-    trial.set_user_attr("lr", float(candidate.train.get("lr", settings.train.get("lr", 0.0))))
+    if candidate.family != NO_TRAINING:
+        trial.set_user_attr("lr", float(candidate.train.get("lr", settings.train.get("lr", 0.0))))
     if outcome.reason:
         trial.set_user_attr(st.ATTR_REASON, outcome.reason[:2000])
     trial.set_user_attr("folder", str(folder.relative_to(settings.out_dir)))
