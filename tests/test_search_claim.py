@@ -73,19 +73,21 @@ def test_random_mask_draws_match_the_share_and_differ_from_the_chosen_sites():
 
 @pytest.fixture(scope="module")
 def claim_run(tmp_path_factory, tiny_pipe_dir, search_data):
-    """One LoRA trial on the tiny model and the base model under the copy_bound rule with a bound every run meets,
-    so that quality decides; the re-evaluation and two controls (a random mask, LoRA on all attention); progress
-    lines at every step."""
+    """One LoRA trial on the tiny model and the base model under the copy_bound rule with a bound every run meets
+    (tau -1 makes every sample a copy: a copy rate of 1), so that quality decides; the re-evaluation and two
+    controls (a random mask, LoRA on all attention); progress lines at every step."""
     root = tmp_path_factory.mktemp("claim")
     cfg = cheap_search_config(
         tiny_pipe_dir, search_data, search={"n_trials": 1, "progress_every_s": 0},
+        objectives={"memorization": {"metric": "mean_similarity", "features": {"type": "pixels", "size": 16},
+                                     "tau": -1.0}},
         selection={"rule": "copy_bound", "copy_bound": 1.0, "reevaluate": True},
         controls={"enabled": True, "random_masks": 1, "share_tolerance": 0.5, "lora_attention": True})
     config = write_config(root / "search.yaml", cfg)
     out = root / "run"
     argv = ["search", "--config", str(config), "--out", str(out)]
     assert main(argv) == 0
-    return {"out": out, "argv": argv}
+    return {"out": out, "argv": argv, "config": cfg, "root": root}
 
 
 def _storage(out):
@@ -171,3 +173,26 @@ def test_progress_lines_with_steps_and_time_left_reach_the_log_file(claim_run):
     assert done < total
     for phase in ("train (4 steps)", "sample (", "metrics"):
         assert phase in log
+
+
+def test_nothing_within_the_bound_means_do_not_fine_tune(claim_run, tmp_path, capsys):
+    """The same study chosen again with a bound no fine-tuned run meets (each copies all its samples at tau -1):
+    the base model is chosen, re-evaluated on fresh seeds, and no adapter is exported. Nothing is trained again
+    (the selection is not part of what makes results comparable)."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(claim_run["out"], out)
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "trials").glob("*/metrics.json")}
+    cfg = {**claim_run["config"], "selection": {"rule": "copy_bound", "copy_bound": 0.5, "reevaluate": True}}
+    assert main(["search", "--config", str(write_config(tmp_path / "bound.yaml", cfg)), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "selection: do not fine-tune: no fine-tuned candidate had a copy rate at most 50%" in printed
+    selected = json.loads((out / "best" / "selection.json").read_text())
+    assert selected["do_not_finetune"] and selected["trial"] is None and selected["copy_rate"] == 1.0
+    assert selected["reevaluated"]["sampling_seed"] == 1
+    assert sorted(p.name for p in (out / "best").iterdir()) == ["README.txt", "selection.json"]
+    assert "Do not fine-tune" in (out / "best" / "README.txt").read_text()
+    assert [r["kind"] for r in _rows(out / "controls.csv")] == ["base", "reevaluation"]
+    assert "Do not fine-tune" in (out / "report.html").read_text()
+    assert {p: p.stat().st_mtime_ns for p in (out / "trials").glob("*/metrics.json")} == stamps
