@@ -56,8 +56,10 @@ def search_data(tmp_path_factory) -> dict:
 
 def cheap_search_config(pipe_dir, data: dict, **sections) -> dict:
     """The cheapest meaningful search: the tiny model, 64 px phantoms, 4 training steps, 2 + 2 samples of 2 steps,
-    pixel features, no baselines or early stopping unless a test asks. ``sections`` override whole keys of a
-    section (``search={"n_trials": 5}``)."""
+    pixel features, no baselines, early stopping, re-evaluation or controls unless a test asks. ``sections``
+    override whole keys of a section (``search={"n_trials": 5}``). Selection by the margin rule: on a random tiny
+    model the qualities of the base model and the trials differ by noise, so the default rule would choose between
+    exporting an adapter and "do not fine-tune" by chance (``test_search_claim`` runs that rule)."""
     cfg = {
         "model": {"path": str(pipe_dir), "device": "cpu"},
         "data": {"train": {"source": str(data["train"])}, "heldout": {"source": str(data["heldout"])},
@@ -72,6 +74,8 @@ def cheap_search_config(pipe_dir, data: dict, **sections) -> dict:
         "early_stop": {"enabled": False},
         "search": {"n_trials": 3, "sampler": "random", "heartbeat_s": 1, "grace_s": 5},
         "baselines": {"enabled": False},
+        "selection": {"rule": "margin", "reevaluate": False},
+        "controls": {"enabled": False},
     }
     for name, values in sections.items():
         cfg[name] = {**cfg.get(name, {}), **values}

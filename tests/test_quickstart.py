@@ -38,6 +38,7 @@ def quick_run(tmp_path_factory):
         "sampling": {"prompts": 3, "quality_prompts": 3, "per_prompt": 1, "steps": 2},
         "early_stop": {"every": 2},
         "search": {"n_trials": 2, "workers": 1},
+        "controls": {"random_masks": 1},
     })
     out = root / "run"
     assert main(["search", "--config", str(config), "--out", str(out)]) == 0
@@ -62,7 +63,14 @@ def test_the_exported_adapter_loads_in_a_fresh_diffusers_pipeline(quick_run):
 
     best = quick_run["out"] / "best"
     selection = json.loads((best / "selection.json").read_text())
-    assert selection["trial"] in selection["pareto_front"]
+    if selection["do_not_finetune"]:
+        # A few training steps may not beat the base model beyond noise: then nothing is exported, and the
+        # adapters of the Pareto trials, in the same format, are what can be loaded.
+        assert "Do not fine-tune" in (best / "README.txt").read_text()
+        assert not (best / "pytorch_lora_weights.safetensors").exists()
+        best = quick_run["out"] / "trials" / str(selection["pareto_front"][0]) / "adapter"
+    else:
+        assert selection["trial"] is not None
     pipe = StableDiffusionPipeline.from_pretrained(str(BASE_MODEL), safety_checker=None,
                                                    requires_safety_checker=False)
     torch.manual_seed(0)

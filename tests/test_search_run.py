@@ -71,7 +71,10 @@ def test_baselines_share_the_budget_and_metrics(finished_search):
     out = finished_search["out"]
     storage = st.open_storage(f"sqlite:///{out / 'study.db'}")
     base = optuna.load_study(storage=storage, study_name="memcontrol.baselines").get_trials()
-    assert sorted(t.user_attrs["baseline"] for t in base) == ["bitfit_norm", "full_ft", "lora_attention"]
+    # The untuned base model is measured beside them, always.
+    assert sorted(t.user_attrs["baseline"] for t in base) == ["base_model", "bitfit_norm", "full_ft", "lora_attention"]
+    assert next(t for t in base if t.user_attrs["baseline"] == "base_model").user_attrs["steps"] == 0
+    base = [t for t in base if t.user_attrs["baseline"] != "base_model"]
     assert all(t.state == TrialState.COMPLETE for t in base)
     by_name = {t.user_attrs["baseline"]: t for t in base}
     assert by_name["full_ft"].user_attrs["trainable_percent"] == pytest.approx(100.0)
@@ -80,6 +83,7 @@ def test_baselines_share_the_budget_and_metrics(finished_search):
     assert all(t.user_attrs["steps"] == t.user_attrs["step_budget"] == 4 for t in base)
     rows = list(csv.DictReader(open(out / "trials.csv")))
     assert [r["kind"] for r in rows].count("baseline") == 3 and [r["kind"] for r in rows].count("trial") == 4
+    assert [r["kind"] for r in rows].count("base") == 1
 
 
 def test_outputs_and_selection(finished_search):
@@ -110,7 +114,7 @@ def test_every_figure_of_a_trial_carries_its_interval(finished_search):
     out = finished_search["out"]
     rows = [r for r in csv.DictReader(open(out / "trials.csv")) if r["state"] == "complete"]
     pareto = list(csv.DictReader(open(out / "pareto.csv")))
-    assert len(rows) == 5 and pareto
+    assert len(rows) == 6 and pareto   # 2 trials, 3 baselines, the base model
     for r in rows + pareto:
         for name in ("memorization", "quality", "mean_similarity", "p95_similarity", "copy_fraction", "fd", "kid"):
             low, value, high = (float(r[f"{name}_ci_low"]), float(r[name]), float(r[f"{name}_ci_high"]))

@@ -39,11 +39,13 @@ def run(args) -> int:
           f"(budget {settings.n_trials})")
     print(outputs.table)
     if outputs.results.selection is not None:
-        print(f"chosen: {outputs.results.chosen.label}: {outputs.results.selection.explanation}")
+        selection = outputs.results.selection
+        print(f"selection: {selection.explanation}" if selection.do_not_finetune else
+              f"chosen: {outputs.results.chosen.label}: {selection.explanation}")
     else:
         print("no trial finished with both metrics within the limits: nothing to export")
     if outputs.best is not None:
-        print(f"exported adapter: {outputs.best}")
+        print(f"{'no adapter (see README.txt)' if selection.do_not_finetune else 'exported adapter'}: {outputs.best}")
     print(f"report: {outputs.report}")
     if outputs.stopped_workers:
         raise MemcontrolError(f"{', '.join(outputs.stopped_workers)} stopped with an error (see above); the study "

@@ -16,7 +16,7 @@ from ..data.transforms import CROPS
 from ..errors import MemcontrolError
 from ..metrics.memorization import DEFAULT_DELTA, DEFAULT_TAU, RATIO_THRESHOLD
 from ..sampling import SAMPLERS
-from ..search.selection import RULES
+from ..search.selection import DEFAULT_COPY_BOUND, DEFAULT_RULE, RULES
 from ..training import TrainConfig
 from .base import ConfigPath, Section, Spec, as_number, relative_to_config
 from .devices import Device, DtypeName
@@ -236,6 +236,7 @@ class SearchSection(Section):
     grace_s: float = Field(300, gt=0)
     max_attempts: Positive = 2
     workers: Positive = 1
+    progress_every_s: float = Field(10, ge=0)   # a worker's progress line (run, phase, step, time left); 0: every step
 
     @field_validator("enqueue")
     @classmethod
@@ -264,10 +265,22 @@ class BaselinesSection(Section):
 
 
 class SelectionSection(Section):
-    rule: Literal[RULES] = "margin"
+    rule: Literal[RULES] = DEFAULT_RULE
+    copy_bound: float = Field(DEFAULT_COPY_BOUND, ge=0, le=1)  # rule copy_bound: the largest copy rate allowed
+    reevaluate: bool = True   # sample the chosen candidate again on fresh seeds and report both figures
     margin: float = Field(0.1, ge=0)
     relative: bool = True
     weights: list[float] = Field(default_factory=lambda: [0.5, 0.5], min_length=2, max_length=2)
+
+
+class ControlsSection(Section):
+    """Runs that separate which sites the chosen candidate trains from how much it trains: random masks with its
+    family, learning rate and trainable share, and LoRA on all attention at its learning rate."""
+
+    enabled: bool = True
+    random_masks: Annotated[int, Field(ge=0)] = 3
+    share_tolerance: float = Field(0.25, gt=0, lt=1)  # a random mask's trainable share within +-25% of the chosen's
+    lora_attention: bool = True
 
 
 class ExportSection(Section):
@@ -362,6 +375,7 @@ class JobConfig(Section):
     search: SearchSection = Field(default_factory=SearchSection)
     baselines: BaselinesSection = Field(default_factory=BaselinesSection)
     selection: SelectionSection = Field(default_factory=SelectionSection)
+    controls: ControlsSection = Field(default_factory=ControlsSection)
     export: ExportSection = Field(default_factory=ExportSection)
     audit: AuditSection = Field(default_factory=AuditSection)
 

@@ -5,6 +5,9 @@ They live in their own study (``<study_name>.baselines``) in the same storage, s
 sampler's population, yet are kept, resumed and shown by optuna-dashboard like the trials. Each baseline is
 queued once, as a waiting trial named by the user attribute ``baseline``; a worker takes it with ``ask()``, which
 hands a waiting trial to exactly one worker.
+
+The untuned base model is queued there too, whether baselines are enabled or not: it is sampled and measured
+without training, and is a candidate of the default selection rule (the answer may be "do not fine-tune").
 """
 
 from __future__ import annotations
@@ -17,28 +20,40 @@ from .settings import SearchSettings
 from .space import Candidate
 
 BASELINE_ATTR = "baseline"
-LABELS = {"full_ft": "full fine-tuning", "lora_attention": "LoRA on all attention", "bitfit_norm": "bias + norm tuning"}
+BASE_MODEL = "base_model"
+LABELS = {"full_ft": "full fine-tuning", "lora_attention": "LoRA on all attention", "bitfit_norm": "bias + norm tuning",
+          BASE_MODEL: "base model, not fine-tuned"}
 
 
-def queue_baselines(bstudy: optuna.Study, methods: list[str], max_attempts: int) -> list[str]:
+def baseline_methods(settings: SearchSettings) -> list[str]:
+    """What the baseline study runs: the base model, then the enabled baselines."""
+    return [BASE_MODEL, *(settings.baselines["methods"] if settings.baselines["enabled"] else [])]
+
+
+def queue_baselines(bstudy: optuna.Study, methods: list[str], max_attempts: int,
+                    attr: str = BASELINE_ATTR) -> list[str]:
     """Queue the baselines that have no trial yet (done, running, queued, or failed on their own) and were not
-    interrupted ``max_attempts`` times already. Returns the queued names."""
+    interrupted ``max_attempts`` times already; each named by the user attribute ``attr``. Returns the queued
+    names."""
     present, interrupted = set(), {}
     for t in bstudy.get_trials(deepcopy=False):
-        name = t.user_attrs.get(BASELINE_ATTR)
+        name = t.user_attrs.get(attr)
         if st.is_interrupted(t):
             interrupted[name] = interrupted.get(name, 0) + 1
         else:
             present.add(name)
     missing = [m for m in methods if m not in present and interrupted.get(m, 0) < max_attempts]
     for name in missing:
-        bstudy.enqueue_trial({}, user_attrs={BASELINE_ATTR: name})
+        bstudy.enqueue_trial({}, user_attrs={attr: name})
     return missing
 
 
 def baseline_candidate(name: str, settings: SearchSettings, unet) -> Candidate:
     from ..masks import enumerate_sites
+    from .trial import NO_TRAINING
 
+    if name == BASE_MODEL:
+        return Candidate([], "block", NO_TRAINING)
     sites = enumerate_sites(unet, "block")
     lr = {"lr": float(settings.baselines["lr"][name])} if name in (settings.baselines.get("lr") or {}) else {}
     if name == "full_ft":

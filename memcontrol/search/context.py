@@ -23,6 +23,7 @@ class SearchContext:
     references: object            # memcontrol.search.objectives.References
     base_noise_norm: float | None  # the probe signal of the untrained model
     adaptable: dict = field(default_factory=dict)  # (family, granularity) -> names of sites it can train
+    progress: object = None       # memcontrol.search.progress.Progress of the worker, or None
 
     def adaptable_sites(self, family: str, granularity: str) -> set[str]:
         """The sites where ``family`` has something to train (LoRA has nothing in a norms site, for example)."""

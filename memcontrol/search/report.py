@@ -13,8 +13,10 @@ from . import study as st
 from .results import Results, Row
 from .settings import SearchSettings
 
-BASELINE_MARKERS = {"full fine-tuning": "s", "LoRA on all attention": "^", "bias + norm tuning": "D"}
-PLOTLY_SYMBOLS = {"s": "square", "^": "triangle-up", "D": "diamond"}
+BASELINE_MARKERS = {"full fine-tuning": "s", "LoRA on all attention": "^", "bias + norm tuning": "D",
+                    "base model, not fine-tuned": "P"}
+PLOTLY_SYMBOLS = {"s": "square", "^": "triangle-up", "D": "diamond", "P": "cross", "v": "triangle-down"}
+CONTROL_MARKER = "v"
 # Every figure's 95% interval sits beside it: <name>_ci_low, <name>_ci_high (memcontrol.metrics.intervals).
 COLUMNS = ["kind", "number", "label", "state", "memorization", "memorization_ci_low", "memorization_ci_high",
            "quality", "quality_ci_low", "quality_ci_high", "feasible", "pareto", "chosen", "family",
@@ -22,6 +24,19 @@ COLUMNS = ["kind", "number", "label", "state", "memorization", "memorization_ci_
            "train_seconds", "sample_seconds", "metric_seconds", "total_seconds"]
 TRAILING = ["reason", "folder"]
 SKIP_ATTRS = {*st.RUN_ATTRS, "baseline"}
+
+
+def reference_rows(results: Results) -> list[Row]:
+    """The rows drawn as markers beside the trials: baselines, the base model, the controls."""
+    return results.baselines + ([results.base] if results.base else []) + results.controls
+
+
+def _marker(r: Row) -> str:
+    return CONTROL_MARKER if r.kind == "control" else BASELINE_MARKERS.get(r.label, "P")
+
+
+def _legend(r: Row) -> str:
+    return r.label if r.kind in ("base", "control") else f"baseline: {r.label}"
 
 
 def axis_names(settings: SearchSettings) -> tuple[str, str]:
@@ -73,11 +88,11 @@ def plot_front_png(results: Results, settings: SearchSettings, path: Path) -> Pa
     if chosen is not None:
         ax.scatter([chosen.memorization], [chosen.quality], marker="*", s=260, c="gold", edgecolors="k",
                    zorder=5, label=f"chosen ({chosen.label})")
-    for b in results.baselines:
+    for b in reference_rows(results):
         if b.memorization is None:
             continue
-        ax.scatter([b.memorization], [b.quality], marker=BASELINE_MARKERS.get(b.label, "P"), s=70, c="tab:blue",
-                   edgecolors="k", zorder=4, label=f"baseline: {b.label}")
+        ax.scatter([b.memorization], [b.quality], marker=_marker(b), s=70,
+                   c="tab:green" if b.kind == "control" else "tab:blue", edgecolors="k", zorder=4, label=_legend(b))
     ax.set_xlabel(xlabel + "  (lower is better)")
     ax.set_ylabel(ylabel + "  (lower is better)")
     ax.set_title("MemControl search: memorization vs quality")
@@ -120,12 +135,13 @@ def plot_front_html(results: Results, settings: SearchSettings, path: Path) -> P
         fig.add_trace(go.Scatter(x=[c.memorization], y=[c.quality], mode="markers", name=f"chosen ({c.label})",
                                  marker=dict(symbol="star", size=18, color="gold", line=dict(color="black", width=1)),
                                  text=[_hover(c)], hoverinfo="text"))
-    for b in results.baselines:
+    for b in reference_rows(results):
         if b.memorization is None:
             continue
-        fig.add_trace(go.Scatter(x=[b.memorization], y=[b.quality], mode="markers", name=f"baseline: {b.label}",
-                                 marker=dict(symbol=PLOTLY_SYMBOLS.get(BASELINE_MARKERS.get(b.label, ""), "cross"),
-                                             size=12, color="royalblue", line=dict(color="black", width=1)),
+        fig.add_trace(go.Scatter(x=[b.memorization], y=[b.quality], mode="markers", name=_legend(b),
+                                 marker=dict(symbol=PLOTLY_SYMBOLS[_marker(b)], size=12,
+                                             color="seagreen" if b.kind == "control" else "royalblue",
+                                             line=dict(color="black", width=1)),
                                  text=[_hover(b)], hoverinfo="text"))
     fig.update_layout(title="MemControl search: memorization vs quality (both lower is better)",
                       xaxis_title=xlabel, yaxis_title=ylabel, template="plotly_white")
@@ -150,8 +166,12 @@ def fmt_ci(row: Row, name: str, spec=".4g") -> str:
 
 
 def comparison_rows(results: Results) -> list[Row]:
-    """What the final table compares: the baselines, then the Pareto trials (the chosen one marked)."""
-    return results.baselines + results.front
+    """What the final table compares: the baselines, the base model, the Pareto trials and the chosen one (marked),
+    the chosen one sampled again on fresh seeds, and the controls."""
+    chosen = results.chosen
+    off_front = [chosen] if chosen is not None and chosen.kind == "trial" and not chosen.pareto else []
+    return results.baselines + ([results.base] if results.base else []) + results.front + off_front + \
+        results.followups
 
 
 def comparison_table(results: Results, settings: SearchSettings) -> str:
@@ -168,4 +188,12 @@ def comparison_table(results: Results, settings: SearchSettings) -> str:
     tau = settings.objectives["memorization"]["tau"]
     out.append(f"memorization: {xlabel}; quality: {ylabel}; copy rate: share of samples above tau {tau}; "
                "[95% interval: bootstrap over generated samples, Wilson for the copy rate]; * = chosen")
+    if results.reevaluation is not None:
+        out.append(f"re-evaluated: the chosen candidate sampled again from sampling seed "
+                   f"{results.reevaluation.get('sampling_seed')} on (the search used seeds "
+                   f"{settings.sampling['seed']}..{settings.sampling['seed'] + settings.sampling['per_prompt'] - 1})")
+    if results.controls:
+        out.append("controls: random sites of the space with the chosen candidate's family, learning rate and "
+                   "trainable share, and LoRA on all attention at its learning rate: which sites, against how much "
+                   "training")
     return "\n".join(out)

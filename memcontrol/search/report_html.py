@@ -36,8 +36,38 @@ def _cells(r: Row) -> list:
 
 
 def _folder(settings: SearchSettings, r: Row) -> Path:
-    return trial_dir(settings.out_dir, r.number) if r.kind == "trial" else baseline_dir(
-        settings.out_dir, r.get("baseline", ""))
+    from .followups import FOLLOWUP_ATTR, followup_dir
+
+    if r.kind == "trial":
+        return trial_dir(settings.out_dir, r.number)
+    if r.kind in ("reevaluation", "control"):
+        return followup_dir(settings.out_dir, r.get(FOLLOWUP_ATTR, ""))
+    return baseline_dir(settings.out_dir, r.get("baseline", ""))
+
+
+def _selection_text(settings: SearchSettings, results: Results) -> str:
+    sel = settings.selection
+    if sel["rule"] != "copy_bound":
+        return f"Selection rule: {sel['rule']}."
+    return (f"Selection rule copy_bound: among the candidates whose copy rate (share of memorization samples above "
+            f"tau {settings.objectives['memorization']['tau']}) is at most {sel['copy_bound']:.0%}, the best quality; "
+            "the untuned base model is always a candidate, and a fine-tuned one is chosen over it only when the upper "
+            "end of its quality interval is below the base model's quality.")
+
+
+def _reevaluation_text(settings: SearchSettings, results: Results) -> str | None:
+    again, chosen = results.reevaluation, results.chosen
+    if again is None:
+        return None
+    if again.state != "complete":
+        return f"The re-evaluation on fresh seeds did not complete ({again.state}: {again.get('reason', '')})."
+    s = settings.sampling
+    return (f"Re-evaluated on fresh sampling seeds (from {again.get('sampling_seed')}; every search run used seeds "
+            f"{s['seed']} to {s['seed'] + s['per_prompt'] - 1}), so that it is not judged on the samples that made "
+            f"it win: memorization {fmt_ci(chosen, 'memorization')} at search time, "
+            f"{fmt_ci(again, 'memorization')} again; quality {fmt_ci(chosen, 'quality')} and "
+            f"{fmt_ci(again, 'quality')}; copy rate {fmt_ci(chosen, 'copy_fraction', '.2f')} and "
+            f"{fmt_ci(again, 'copy_fraction', '.2f')}.")
 
 
 def copy_pairs_png(settings: SearchSettings, folder: Path) -> Path | None:
@@ -79,9 +109,16 @@ def write_report(settings: SearchSettings, results: Results, path: Path) -> Path
                  "held-out captions. Both are lower-is-better. Brackets: 95% intervals (bootstrap over the generated "
                  "samples, the held-out side fixed; Wilson intervals for rates); runs whose intervals overlap are "
                  "not shown apart by these samples.")
-    if chosen is not None:
+    if chosen is not None and results.selection.do_not_finetune:
+        rep.add_heading("Do not fine-tune")
+        rep.add_text(f"{results.selection.explanation}. {_selection_text(settings, results)} The base model: "
+                     f"memorization {fmt_ci(chosen, 'memorization')}, quality {fmt_ci(chosen, 'quality')}, copy rate "
+                     f"{fmt_ci(chosen, 'copy_fraction', '.2f')}. No adapter was exported ({settings.out_dir / 'best'} "
+                     "says why).", note=True)
+    elif chosen is not None:
         rep.add_heading("Chosen candidate")
-        rep.add_text(f"{chosen.label}: {results.selection.explanation}. Memorization "
+        rep.add_text(f"{chosen.label}: {results.selection.explanation}. {_selection_text(settings, results)} "
+                     "Memorization "
                      f"{fmt_ci(chosen, 'memorization')}, quality {fmt_ci(chosen, 'quality')}, "
                      f"{chosen.get('family')} on {chosen.get('n_sites')} site(s), "
                      f"{fmt(chosen.get('trainable_percent'), '.3f')}% of the UNet trainable. Exported to "
@@ -91,7 +128,17 @@ def write_report(settings: SearchSettings, results: Results, path: Path) -> Path
             spec = json.loads(candidate.read_text())
             rep.add_table([[site] for site in spec["sites"]], columns=[f"trained sites ({spec['granularity']} level)"])
             rep.add_text(f"{spec['family']} {spec['family_params']}; training overrides {spec['train']}")
-    else:
+    if chosen is not None and _reevaluation_text(settings, results):
+        rep.add_text(_reevaluation_text(settings, results))
+    if chosen is not None and results.controls:
+        rep.add_heading("Controls: which sites, or how much training?")
+        rep.add_table([_cells(r) for r in [chosen, *results.controls]], columns=ROW_HEADER,
+                      caption="The chosen candidate, then random masks (sites of the search space drawn at random) "
+                              f"with its family, learning rate and trainable share (within "
+                              f"{settings.controls['share_tolerance']:.0%}), and LoRA on all attention at its "
+                              "learning rate. Where the chosen candidate is not better than its random masks beyond "
+                              "the intervals, the search found an amount of training, not a set of sites.")
+    if chosen is None:
         rep.add_heading("No candidate")
         rep.add_text("No trial finished with both metrics within the limits; nothing was exported.", note=True)
     rep.add_heading("Pareto front")
@@ -99,14 +146,16 @@ def write_report(settings: SearchSettings, results: Results, path: Path) -> Path
                                                           "Interactive version: pareto_front.html.")
     rep.add_heading("Search against the baselines")
     rep.add_table([_cells(r) for r in comparison_rows(results)], columns=ROW_HEADER,
-                  caption="Baselines (same data, training budget, samples and metrics) and the Pareto trials")
+                  caption="Baselines (same data, training budget, samples and metrics), the untuned base model, the "
+                          "Pareto trials, the chosen candidate again on fresh seeds, and the controls")
     savings = results.early_stop_savings()
     if savings["stopped"]:
         saved = f", about {savings['seconds_saved']:.0f} s" if savings["seconds_saved"] is not None else ""
         rep.add_text(f"Early stopping on the noise-norm signal stopped {savings['stopped']} trial(s): "
                      f"{savings['steps_saved']} training steps not run, no sampling or metrics for them{saved}.")
     rep.add_heading("All trials")
-    rep.add_table([_cells(r) for r in results.baselines + results.trials], columns=ROW_HEADER)
+    rep.add_table([_cells(r) for r in results.baselines + ([results.base] if results.base else []) + results.trials],
+                  columns=ROW_HEADER)
     if chosen is not None:
         pairs = copy_pairs_png(settings, _folder(settings, chosen))
         if pairs is not None:
@@ -114,7 +163,8 @@ def write_report(settings: SearchSettings, results: Results, path: Path) -> Path
             rep.add_figure(pairs, "Each generated sample beside its nearest training image in the memorization "
                                   "feature space, most similar first.")
     rep.add_heading("Samples")
-    for r in [*([chosen] if chosen is not None else []), *results.baselines,
+    for r in [*([chosen] if chosen is not None else []), *results.followups, *results.baselines,
+              *([results.base] if results.base is not None and not results.base.chosen else []),
               *[f for f in results.front if not f.chosen]]:
         grid = _folder(settings, r) / "samples.png"
         if grid.is_file():

@@ -1,4 +1,5 @@
-"""The study's results as plain rows (trials and baselines alike), the Pareto front and the chosen candidate.
+"""The study's results as plain rows (trials, baselines, the base model, the follow-ups alike), the Pareto front
+and the chosen candidate.
 
 Everything is read back from the storage, so the results are the same whichever worker or machine ran a trial,
 and a report can be rebuilt from the storage alone.
@@ -13,14 +14,14 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from . import study as st
-from .baselines import BASELINE_ATTR, LABELS
+from .baselines import BASE_MODEL, BASELINE_ATTR, LABELS
 from .selection import Point, Selection, pareto_front, select
 from .settings import SearchSettings
 
 
 @dataclass
 class Row:
-    kind: str                 # "trial" | "baseline"
+    kind: str                 # "trial" | "baseline" | "base" (the untuned model) | "reevaluation" | "control"
     number: int               # Optuna trial number in its study
     label: str
     state: str                # complete | stopped | failed | interrupted | running | waiting
@@ -37,7 +38,8 @@ class Row:
 
     @property
     def point(self) -> Point:
-        return Point(self.number, self.memorization, self.quality)
+        return Point(self.number, self.memorization, self.quality, copy_rate=self.get("copy_fraction"),
+                     quality_high=self.get("quality_ci_high"), base=self.kind == "base")
 
 
 def _state(trial: FrozenTrial) -> str:
@@ -48,10 +50,14 @@ def _state(trial: FrozenTrial) -> str:
 
 
 def _row(trial: FrozenTrial, kind: str) -> Row:
+    from .followups import FOLLOWUP_ATTR, label as followup_label
+
     values = trial.values if trial.state == TrialState.COMPLETE else None
-    if kind == "baseline":
+    if kind in ("baseline", "base"):
         name = trial.user_attrs.get(BASELINE_ATTR, "?")
         label = LABELS.get(name, name)
+    elif kind in ("reevaluation", "control"):
+        label = followup_label(trial.user_attrs.get(FOLLOWUP_ATTR, "?"))
     else:
         label = f"trial {trial.number}"
     return Row(kind=kind, number=trial.number, label=label, state=_state(trial),
@@ -66,10 +72,17 @@ class Results:
     front: list[Row]
     selection: Selection | None
     n_trials: int
+    base: Row | None = None               # the untuned base model
+    reevaluation: Row | None = None       # the chosen candidate, sampled again on fresh seeds
+    controls: list[Row] = field(default_factory=list)  # of the chosen candidate
 
     @property
     def chosen(self) -> Row | None:
-        return next((r for r in self.trials if r.chosen), None)
+        return next((r for r in [*self.trials, *([self.base] if self.base else [])] if r.chosen), None)
+
+    @property
+    def followups(self) -> list[Row]:
+        return ([self.reevaluation] if self.reevaluation else []) + self.controls
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -96,32 +109,56 @@ class Results:
                 "seconds_saved": skipped_steps * per_step + len(stopped) * per_eval}
 
 
+def _latest(storage, name: str, attr: str) -> dict[str, FrozenTrial]:
+    """The latest attempt of each entry of a queued study, by its name (an interrupted one was queued again)."""
+    try:
+        study = optuna.load_study(storage=storage, study_name=name)
+    except KeyError:
+        return {}
+    latest = {}
+    for t in study.get_trials(deepcopy=False):
+        if t.user_attrs.get(attr) and not t.user_attrs.get(st.ATTR_SURPLUS):
+            latest[t.user_attrs[attr]] = t
+    return latest
+
+
+def _usable(r: Row) -> bool:
+    return (r.state == "complete" and r.feasible
+            and all(v is not None and math.isfinite(v) for v in (r.memorization, r.quality)))
+
+
 def collect(settings: SearchSettings, storage) -> Results:
+    from .followups import FOLLOWUP_ATTR, REEVALUATE, chosen_key, planned, split
+
     study = optuna.load_study(storage=storage, study_name=settings.study_name)
     trials = [_row(t, "trial") for t in study.get_trials(deepcopy=False) if not t.user_attrs.get(st.ATTR_SURPLUS)]
-    baselines = []
-    if settings.baselines["enabled"]:
-        try:
-            bstudy = optuna.load_study(storage=storage, study_name=settings.baseline_study_name)
-        except KeyError:
-            bstudy = None
-        if bstudy is not None:
-            # The latest attempt of each baseline (an interrupted one was queued again).
-            latest = {}
-            for t in bstudy.get_trials(deepcopy=False):
-                if t.user_attrs.get(BASELINE_ATTR) and not t.user_attrs.get(st.ATTR_SURPLUS):
-                    latest[t.user_attrs[BASELINE_ATTR]] = t
-            order = settings.baselines["methods"]
-            baselines = [_row(latest[m], "baseline") for m in order if m in latest]
-    candidates = [r for r in trials if r.state == "complete" and r.feasible
-                  and all(v is not None and math.isfinite(v) for v in (r.memorization, r.quality))]
+    latest = _latest(storage, settings.baseline_study_name, BASELINE_ATTR)
+    baselines = [_row(latest[m], "baseline") for m in settings.baselines["methods"]
+                 if m in latest and settings.baselines["enabled"]]
+    base = _row(latest[BASE_MODEL], "base") if BASE_MODEL in latest else None
+    candidates = [r for r in trials if _usable(r)]
     front_points = {p.key for p in pareto_front([r.point for r in candidates])}
     front = sorted((r for r in candidates if r.number in front_points), key=lambda r: (r.memorization, r.quality))
     for r in front:
         r.pareto = True
     sel = settings.selection
-    selection = select([r.point for r in candidates], sel["rule"], margin=float(sel["margin"]),
-                       relative=bool(sel["relative"]), weights=tuple(sel["weights"]))
+    # The base model competes under the copy_bound rule only (the other rules pick from the Pareto front).
+    pool = candidates + ([base] if base is not None and _usable(base) and sel["rule"] == "copy_bound" else [])
+    points = [r.point for r in pool]
+    selection = select(points, sel["rule"], margin=float(sel["margin"]), relative=bool(sel["relative"]),
+                       weights=tuple(sel["weights"]), copy_bound=float(sel["copy_bound"]))
     if selection is not None:
-        next(r for r in trials if r.number == selection.chosen.key).chosen = True
-    return Results(trials, baselines, front, selection, settings.n_trials)
+        pool[next(i for i, p in enumerate(points) if p is selection.chosen)].chosen = True
+    results = Results(trials, baselines, front, selection, settings.n_trials, base=base)
+    key = chosen_key(results.chosen)
+    if key is not None:
+        done = _latest(storage, settings.followup_study_name, FOLLOWUP_ATTR)
+        for name in planned(settings, key):
+            if name in done:
+                row = _row(done[name], "reevaluation" if split(name)[0] == REEVALUATE else "control")
+                if row.kind == "reevaluation":
+                    row.label = f"{results.chosen.label}, {row.label}"
+                    results.reevaluation = row
+                else:
+                    results.controls.append(row)
+    return results

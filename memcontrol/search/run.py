@@ -1,5 +1,5 @@
-"""``memcontrol search`` from start to end: open (or resume) the study, run the workers, then select, export and
-report.
+"""``memcontrol search`` from start to end: open (or resume) the study, run the workers, select, run the chosen
+candidate's follow-ups (re-evaluation on fresh seeds, controls) with the same workers, then export and report.
 
 Re-running the same command continues the study: finished trials stay in the storage and are never recomputed,
 trials whose worker died are run again, and once the budget is used the command only rebuilds the outputs. The
@@ -19,7 +19,7 @@ import optuna
 from optuna.trial import TrialState
 
 from . import study as st
-from .baselines import queue_baselines
+from .baselines import baseline_methods, queue_baselines
 from .results import Results, collect
 from .settings import SearchSettings
 from .worker import open_search_storage, run_worker, trial_dir
@@ -27,6 +27,8 @@ from .worker import open_search_storage, run_worker, trial_dir
 log = logging.getLogger(__name__)
 
 BEST_DIR = "best"
+LOG_FILE = "search.log"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 @dataclass
@@ -51,13 +53,12 @@ def prepare_studies(settings: SearchSettings) -> None:
         log.warning("study '%s' was created by a run that stopped before setting it up; continuing",
                     settings.study_name)
         st.mark_ready(study)
-    if settings.baselines["enabled"]:
-        bstudy, created = st.open_study(storage, settings.baseline_study_name,
-                                        fingerprint_sections=settings.baseline_fingerprint_sections())
-        if not created:
-            st.wait_until_ready(bstudy)
-        queue_baselines(bstudy, list(settings.baselines["methods"]), settings.search["max_attempts"])
-        st.mark_ready(bstudy)
+    bstudy, created = st.open_study(storage, settings.baseline_study_name,
+                                    fingerprint_sections=settings.baseline_fingerprint_sections())
+    if not created:
+        st.wait_until_ready(bstudy)
+    queue_baselines(bstudy, baseline_methods(settings), settings.search["max_attempts"])
+    st.mark_ready(bstudy)
 
 
 def work_left(settings: SearchSettings) -> bool:
@@ -66,11 +67,9 @@ def work_left(settings: SearchSettings) -> bool:
     st.reclaim_stale_trials(study, st.Recovery.from_search(settings.search))
     if st.budget_used(study) < settings.n_trials:
         return True
-    if settings.baselines["enabled"]:
-        bstudy = optuna.load_study(storage=storage, study_name=settings.baseline_study_name)
-        st.reclaim_stale_trials(bstudy, st.Recovery.from_search(settings.search))
-        return bool(bstudy.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-    return False
+    bstudy = optuna.load_study(storage=storage, study_name=settings.baseline_study_name)
+    st.reclaim_stale_trials(bstudy, st.Recovery.from_search(settings.search))
+    return bool(bstudy.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
 
 
 def _worker_main(settings: SearchSettings, index: int, threads: int, first_ready) -> None:
@@ -79,6 +78,7 @@ def _worker_main(settings: SearchSettings, index: int, threads: int, first_ready
     from .context import preload
 
     logging.basicConfig(level=logging.INFO, format=f"%(levelname)s worker{index} %(name)s: %(message)s")
+    log_to_file(settings.out_dir / LOG_FILE)
     torch.set_num_threads(threads)
     preload()
     # The first worker writes the training cache; the others wait for it (their imports done) and reuse it.
@@ -114,12 +114,25 @@ def run_workers(settings: SearchSettings, workers: int, progress: bool = True) -
     return failed
 
 
+def log_to_file(path: Path) -> logging.Handler:
+    """Send memcontrol's log lines (INFO and above) to ``path`` too, appended, as the terminal gets them."""
+    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setLevel(logging.INFO)
+    package = logging.getLogger("memcontrol")
+    package.addHandler(handler)
+    if package.getEffectiveLevel() > logging.INFO:
+        package.setLevel(logging.INFO)
+    return handler
+
+
 def prune_adapters(settings: SearchSettings, results: Results) -> None:
-    """Keep trained adapters of Pareto trials only: a dominated trial stays dominated as the study goes on."""
+    """Keep trained adapters of Pareto trials (and the chosen one) only: a dominated trial stays dominated as the
+    study goes on."""
     if settings.export["keep_adapters"] == "all":
         return
     for row in results.trials:
-        if row.state == "complete" and not row.pareto:
+        if row.state == "complete" and not row.pareto and not row.chosen:
             shutil.rmtree(trial_dir(settings.out_dir, row.number) / "adapter", ignore_errors=True)
 
 
@@ -134,15 +147,26 @@ def export_best(settings: SearchSettings, results: Results) -> Path | None:
     if chosen is None:
         return None
     best = settings.out_dir / BEST_DIR
-    source = trial_dir(settings.out_dir, chosen.number) / "adapter"
-    if not is_exported(source):
-        source = retrain(settings, chosen.number)
     tmp = best.with_name(f"{BEST_DIR}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp)
+    if results.selection.do_not_finetune:
+        # No adapter: the advice is to use the base model as it is.
+        tmp.mkdir(parents=True)
+        (tmp / "README.txt").write_text(f"Do not fine-tune: {results.selection.explanation}.\nNo adapter is "
+                                        "exported; use the base model as it is (see report.html).\n")
+    else:
+        source = trial_dir(settings.out_dir, chosen.number) / "adapter"
+        if not is_exported(source):
+            source = retrain(settings, chosen.number)
+        shutil.copytree(source, tmp)
+    again = results.reevaluation
     (tmp / "selection.json").write_text(json.dumps({
-        "trial": chosen.number, "rule": results.selection.rule, "explanation": results.selection.explanation,
-        "memorization": chosen.memorization, "quality": chosen.quality,
+        "trial": None if chosen.kind == "base" else chosen.number, "do_not_finetune": results.selection.do_not_finetune,
+        "rule": results.selection.rule, "explanation": results.selection.explanation,
+        "memorization": chosen.memorization, "quality": chosen.quality, "copy_rate": chosen.get("copy_fraction"),
+        "reevaluated": None if again is None or again.state != "complete" else {
+            "memorization": again.memorization, "quality": again.quality, "copy_rate": again.get("copy_fraction"),
+            "sampling_seed": again.get("sampling_seed")},
         "memorization_metric": settings.memorization_metric, "quality_metric": settings.quality_metric,
         "params": chosen.params, "pareto_front": [r.number for r in results.front]}, indent=2) + "\n")
     # Swap in the new export. Another machine may be finalizing the same folder at this moment: each step is one
@@ -189,7 +213,10 @@ def finalize(settings: SearchSettings, stopped_workers: list[str] | None = None)
     results = collect(settings, open_search_storage(settings))
     out = settings.out_dir
     write_csv(results.front, out / "pareto.csv")
-    write_csv(results.baselines + results.trials, out / "trials.csv")
+    write_csv(results.baselines + ([results.base] if results.base else []) + results.trials, out / "trials.csv")
+    if results.chosen is not None:
+        # The claim beside its checks: search-time figures, fresh-seed figures, controls.
+        write_csv([results.chosen] + results.followups, out / "controls.csv")
     plot_front_png(results, settings, out / "pareto_front.png")
     plot_front_html(results, settings, out / "pareto_front.html")
     prune_adapters(settings, results)
@@ -204,10 +231,26 @@ def run_search(settings: SearchSettings, progress: bool = True) -> SearchOutputs
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = settings.storage_url
     claim_out_dir(settings.out_dir, "search", own=Path(url[len("journal:"):]) if url.startswith("journal:") else None)
-    prepare_studies(settings)
-    stopped = []
-    if work_left(settings):
-        stopped = run_workers(settings, settings.search["workers"], progress=progress)
-    else:
-        log.info("the study has used its budget (%d trials); rebuilding the outputs", settings.n_trials)
-    return finalize(settings, stopped)
+    handler = log_to_file(settings.out_dir / LOG_FILE)
+    try:
+        prepare_studies(settings)
+        stopped = []
+        if work_left(settings):
+            stopped = run_workers(settings, settings.search["workers"], progress=progress)
+        else:
+            log.info("the study has used its budget (%d trials); rebuilding the outputs", settings.n_trials)
+        if not stopped and queue_chosen_followups(settings):
+            log.info("running the chosen candidate's re-evaluation and controls")
+            stopped = run_workers(settings, settings.search["workers"], progress=progress)
+        return finalize(settings, stopped)
+    finally:
+        logging.getLogger("memcontrol").removeHandler(handler)
+        handler.close()
+
+
+def queue_chosen_followups(settings: SearchSettings) -> bool:
+    """Queue what runs once a candidate is chosen (``followups``); True when some of it is waiting."""
+    from .followups import chosen_key, queue_followups
+
+    storage = open_search_storage(settings)
+    return queue_followups(settings, storage, chosen_key(collect(settings, storage).chosen))

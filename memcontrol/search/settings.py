@@ -32,6 +32,7 @@ class SearchSettings:
     selection: dict
     export: dict
     constraints: list[Constraint] = field(default_factory=list)
+    controls: dict = field(default_factory=lambda: {"enabled": False})
 
     @property
     def n_trials(self) -> int:
@@ -44,6 +45,11 @@ class SearchSettings:
     @property
     def baseline_study_name(self) -> str:
         return self.search["study_name"] + ".baselines"
+
+    @property
+    def followup_study_name(self) -> str:
+        """The study of what runs after selection: the re-evaluation of the chosen candidate and the controls."""
+        return self.search["study_name"] + ".controls"
 
     @property
     def memorization_metric(self) -> str:
@@ -100,5 +106,5 @@ def load_settings(cfg, out_dir: str | Path, storage: str | None = None, n_trials
         model=job.model.model_dump(), data=data, train=job.train.model_dump(exclude_unset=True), space=space,
         objectives=job.objectives.model_dump(), sampling=job.sampling.model_dump(),
         early_stop=job.early_stop.model_dump(), search=search, baselines=job.baselines.model_dump(),
-        selection=job.selection.model_dump(), export=job.export.model_dump(),
+        selection=job.selection.model_dump(), export=job.export.model_dump(), controls=job.controls.model_dump(),
         constraints=parse_constraints(search["constraints"]))

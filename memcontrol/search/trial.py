@@ -9,6 +9,9 @@ to its folder: ``mask.json``, ``metrics.json`` (status, reason, metrics with the
 ``samples/`` and ``samples.png`` (the memorization samples, from training captions; the quality samples, from
 held-out captions, are measured and not kept), ``error.txt`` (the traceback of an exception) and, when asked, the
 trained ``adapter/`` in the export format.
+
+Two kinds of candidate skip training: the untuned base model (family ``none``), and a candidate evaluated again
+from an exported adapter (``adapter=``, the re-evaluation of the chosen one on fresh sampling seeds).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import logging
 import math
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -31,6 +34,7 @@ from .space import Candidate
 log = logging.getLogger(__name__)
 
 OK, STOPPED, FAILED, ERROR = "ok", "stopped", "failed", "error"
+NO_TRAINING = "none"  # the family of the base model's candidate: nothing is trained
 
 
 @dataclass
@@ -100,14 +104,29 @@ def to_mask(candidate: Candidate, adaptable: set[str] | None = None):
 
 
 def evaluate_candidate(ctx: SearchContext, candidate: Candidate, folder: Path, early_stop: bool = True,
-                       keep_adapter: bool = True, progress: bool = False) -> Outcome:
-    """Train, sample and measure one candidate; results in ``folder`` and in the returned ``Outcome``."""
+                       keep_adapter: bool = True, progress: bool = False, adapter: Path | None = None,
+                       sampling_seed: int | None = None) -> Outcome:
+    """Train, sample and measure one candidate; results in ``folder`` and in the returned ``Outcome``.
+
+    ``adapter``: an exported adapter of this candidate, loaded instead of training (trained again, from the same
+    seed, when the folder holds no finished export). ``sampling_seed``: sample from this seed, not
+    ``sampling.seed``."""
+    from ..export import is_exported
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "candidate.json").write_text(json.dumps(candidate.to_dict(), indent=2) + "\n")
     start = time.perf_counter()
     try:
-        outcome = _evaluate(ctx, candidate, folder, early_stop, keep_adapter, progress)
+        settings = ctx.settings if sampling_seed is None else replace(
+            ctx.settings, sampling={**ctx.settings.sampling, "seed": int(sampling_seed)})
+        if candidate.family == NO_TRAINING:
+            outcome = _measure(ctx, settings, ctx.pipe, folder, Outcome(OK, compute={"steps": 0, "step_budget": 0}))
+            outcome.trainable, outcome.trainable_percent = 0, 0.0
+        elif adapter is not None and is_exported(adapter):
+            outcome = _measure(ctx, settings, _with_adapter(ctx.pipe, adapter), folder, Outcome(OK))
+        else:
+            outcome = _evaluate(ctx, settings, candidate, folder, early_stop, keep_adapter, progress)
     except Exception as err:  # noqa: BLE001 - every outcome is mapped here, once; the worker acts on the status
         reason = str(err) if isinstance(err, MemcontrolError) else f"{type(err).__name__}: {err}".strip()
         outcome = Outcome(classify(err), reason)
@@ -123,11 +142,19 @@ def evaluate_candidate(ctx: SearchContext, candidate: Candidate, folder: Path, e
     return outcome
 
 
-def _evaluate(ctx, candidate, folder, early_stop, keep_adapter, progress) -> Outcome:
-    from ..training import TrainConfig, finetune, pipeline_with_unet
-    from .objectives import measure, sample
+def _with_adapter(pipe, adapter: Path):
+    """A pipeline sharing ``pipe``'s components but a copy of its UNet, with the exported adapter applied."""
+    import copy
 
-    settings = ctx.settings
+    from ..export import load_adapter
+    from ..training import pipeline_with_unet
+
+    return load_adapter(pipeline_with_unet(pipe, copy.deepcopy(pipe.unet)), adapter)
+
+
+def _evaluate(ctx, settings, candidate, folder, early_stop, keep_adapter, progress) -> Outcome:
+    from ..training import TrainConfig, finetune, pipeline_with_unet
+
     mask = to_mask(candidate, ctx.adaptable_sites(candidate.family, candidate.granularity))
     mask.to_json(folder / "mask.json")
     cfg = TrainConfig.from_dict({**settings.train, **candidate.train})
@@ -135,8 +162,12 @@ def _evaluate(ctx, candidate, folder, early_stop, keep_adapter, progress) -> Out
     # Adapter weights are initialised from torch's global generator when the mask is applied: seed it so that a
     # trial trained again (for export on another machine) gives the same adapter.
     torch.manual_seed(cfg.seed)
+    reporter = ctx.progress
+    if reporter is not None:
+        reporter.phase("train", cfg.steps)
     result = finetune(ctx.pipe, mask, ctx.cached, cfg, callback=stopper,
-                      callback_every=settings.early_stop["every"] if stopper else 0, progress=progress)
+                      callback_every=settings.early_stop["every"] if stopper else 0, progress=progress,
+                      on_step=reporter.step if reporter is not None else None)
     out = Outcome(OK, compute={"steps": result.steps, "step_budget": cfg.steps,
                                "train_seconds": round(result.seconds, 3), "early_stopped": result.status == STOPPED})
     out.signal = stopper.history if stopper else []
@@ -148,12 +179,33 @@ def _evaluate(ctx, candidate, folder, early_stop, keep_adapter, progress) -> Out
         out.status, out.reason = (STOPPED if result.status == STOPPED else FAILED), result.reason
         return out
 
-    tuned = pipeline_with_unet(ctx.pipe, result.applied.unet)
+    out = _measure(ctx, settings, pipeline_with_unet(ctx.pipe, result.applied.unet), folder, out)
+    if out.status == OK and keep_adapter:
+        from ..export import export_adapter
+
+        export_adapter(ctx.pipe, result.applied, mask, folder / "adapter", metrics=out.metrics,
+                       info={"base_model": settings.model["path"], "data_size": len(ctx.cached),
+                             "train": cfg.to_dict(), "result": {"status": result.status, "steps": result.steps,
+                                                                "seconds": result.seconds,
+                                                                "final_loss": result.final_loss}})
+    return out
+
+
+def _measure(ctx, settings, tuned, folder: Path, out: Outcome) -> Outcome:
+    """Sample ``tuned`` (the sampling seed of ``settings``) and measure the samples into ``out``."""
+    from .objectives import measure, sample
+
+    reporter = ctx.progress
+    if reporter is not None:
+        n = (len(ctx.sample_prompts) + len(ctx.quality_prompts)) * settings.sampling["per_prompt"]
+        reporter.phase("sample", n)
     t0 = time.perf_counter()
     samples = sample(settings, tuned, ctx.sample_prompts)
     quality_samples = sample(settings, tuned, ctx.quality_prompts)
     out.compute["sample_seconds"] = round(time.perf_counter() - t0, 3)
     save_samples(samples, folder)
+    if reporter is not None:
+        reporter.phase("metrics")
     t0 = time.perf_counter()
     metrics, neighbours = measure(settings, ctx.references, samples, quality_samples)
     out.compute["metric_seconds"] = round(time.perf_counter() - t0, 3)
@@ -162,15 +214,6 @@ def _evaluate(ctx, candidate, folder, early_stop, keep_adapter, progress) -> Out
     bad = [k for k in ("memorization", "quality") if not math.isfinite(out.metrics[k])]
     if bad:
         out.status, out.reason = FAILED, f"{' and '.join(bad)} is not finite ({out.metrics[bad[0]]})"
-        return out
-    if keep_adapter:
-        from ..export import export_adapter
-
-        export_adapter(ctx.pipe, result.applied, mask, folder / "adapter", metrics=out.metrics,
-                       info={"base_model": settings.model["path"], "data_size": len(ctx.cached),
-                             "train": cfg.to_dict(), "result": {"status": result.status, "steps": result.steps,
-                                                                "seconds": result.seconds,
-                                                                "final_loss": result.final_loss}})
     return out
 
 

@@ -1,7 +1,8 @@
 """A search worker: takes trials from the shared study until the budget is used, evaluates them, records them.
 
 Any number of workers, in one machine's processes or on several machines, run this same loop against one storage.
-Each first takes the queued baselines (each is run by exactly one worker), then asks the sampler for candidates.
+Each first takes the queued baselines and the base model (each is run by exactly one worker), then asks the sampler
+for candidates, then takes the queued follow-ups of the chosen candidate (``followups``), if any.
 A trial's results go to its Optuna record (values, state, user attributes) and to ``OUT/trials/<number>/``.
 """
 
@@ -15,13 +16,14 @@ import optuna
 from optuna.trial import TrialState
 
 from ..config.devices import resolve_device
-from ..errors import MemcontrolError
+from ..errors import MaskError, MemcontrolError
 from . import study as st
-from .baselines import BASELINE_ATTR, baseline_candidate
+from .baselines import BASELINE_ATTR, LABELS, baseline_candidate
 from .context import SearchContext, build_context
+from .progress import Progress
 from .settings import SearchSettings
 from .space import SearchSpace, load_space
-from .trial import ERROR, FAILED, OK, STOPPED, Outcome, evaluate_candidate
+from .trial import ERROR, FAILED, NO_TRAINING, OK, STOPPED, Outcome, evaluate_candidate
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +58,8 @@ def record(trial: optuna.trial.Trial, candidate, outcome: Outcome, folder: Path,
     trial.set_user_attr(st.ATTR_STATUS, outcome.status)
     trial.set_user_attr("family", candidate.family)
     trial.set_user_attr("n_sites", len(candidate.sites))
-    trial.set_user_attr("lr", float(candidate.train.get("lr", settings.train.get("lr", 0.0))))
+    if candidate.family != NO_TRAINING:
+        trial.set_user_attr("lr", float(candidate.train.get("lr", settings.train.get("lr", 0.0))))
     if outcome.reason:
         trial.set_user_attr(st.ATTR_REASON, outcome.reason[:2000])
     trial.set_user_attr("folder", str(folder.relative_to(settings.out_dir)))
@@ -69,12 +72,23 @@ def record(trial: optuna.trial.Trial, candidate, outcome: Outcome, folder: Path,
         st.record_constraints(trial, settings.constraints, outcome.metrics)
 
 
+def record_failure(study: optuna.Study, trial: optuna.trial.Trial, reason: str) -> None:
+    trial.set_user_attr(st.ATTR_STATUS, FAILED)
+    trial.set_user_attr(st.ATTR_REASON, reason[:2000])
+    study.tell(trial, state=TrialState.FAIL)
+    log.warning("trial %d of %s: failed (%s)", trial.number, study.study_name, reason)
+
+
 def run_trial(study: optuna.Study, trial: optuna.trial.Trial, ctx: SearchContext, candidate, folder: Path,
-              early_stop: bool, keep_adapter: bool) -> Outcome:
+              early_stop: bool, keep_adapter: bool, label: str | None = None, **how) -> Outcome:
+    """Evaluate and record one trial; ``how``: ``evaluate_candidate``'s adapter and sampling seed."""
     settings = ctx.settings
+    if ctx.progress is not None:
+        ctx.progress.start(label or folder.name)
     with st.Heartbeat(study, trial, settings.search["heartbeat_s"]):
         try:
-            outcome = evaluate_candidate(ctx, candidate, folder, early_stop=early_stop, keep_adapter=keep_adapter)
+            outcome = evaluate_candidate(ctx, candidate, folder, early_stop=early_stop, keep_adapter=keep_adapter,
+                                         **how)
         except KeyboardInterrupt:
             # Ctrl-C: give the trial back to the study so that the next run repeats it.
             st.give_back(study, study.get_trials(deepcopy=False)[trial.number], "stopped by the user",
@@ -104,7 +118,28 @@ def run_baselines(bstudy: optuna.Study, ctx: SearchContext) -> None:
             continue
         candidate = baseline_candidate(name, settings, ctx.pipe.unet)
         run_trial(bstudy, trial, ctx, candidate, baseline_dir(settings.out_dir, name), early_stop=False,
-                  keep_adapter=False)
+                  keep_adapter=False, label=LABELS.get(name, name))
+
+
+def run_followups(fstudy: optuna.Study, ctx: SearchContext, storage) -> None:
+    """Take queued follow-ups (re-evaluation, controls) until none is left."""
+    from .followups import FOLLOWUP_ATTR, followup_candidate, followup_dir, label
+
+    settings = ctx.settings
+    while fstudy.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        trial = fstudy.ask()
+        name = fstudy.get_trials(deepcopy=False)[trial.number].user_attrs.get(FOLLOWUP_ATTR)
+        if name is None:
+            st.discard_surplus(fstudy, trial, "no follow-up left to run")
+            continue
+        try:
+            candidate, how = followup_candidate(settings, storage, ctx.pipe.unet, name)
+        except MaskError as err:  # no random mask fits this space: that control fails, with its reason
+            record_failure(fstudy, trial, str(err))
+            continue
+        trial.set_user_attr("sampling_seed", int(how.get("sampling_seed", settings.sampling["seed"])))
+        run_trial(fstudy, trial, ctx, candidate, followup_dir(settings.out_dir, name), early_stop=False,
+                  keep_adapter=False, label=f"{label(name)} (for {name.partition('@')[2]})", **how)
 
 
 def run_search_trials(study: optuna.Study, ctx: SearchContext, space: SearchSpace, deadline: float | None) -> int:
@@ -129,13 +164,14 @@ def run_search_trials(study: optuna.Study, ctx: SearchContext, space: SearchSpac
         candidate = space.sample(trial)
         # A candidate with every switch off is a failed trial too: its mask is refused, at no cost.
         run_trial(study, trial, ctx, candidate, trial_dir(settings.out_dir, trial.number), early_stop=True,
-                  keep_adapter=True)
+                  keep_adapter=True, label=f"trial {trial.number}")
         done += 1
     return done
 
 
 def run_worker(settings: SearchSettings, worker_index: int = 0, progress: bool = True, on_ready=None) -> int:
-    """One worker's whole life: load the model once, run baselines, then trials. Returns the trials it ran.
+    """One worker's whole life: load the model once, run baselines, then trials, then follow-ups. Returns the
+    trials it ran.
     ``on_ready`` is called once the model is loaded and the training cache written."""
     import torch
 
@@ -147,18 +183,25 @@ def run_worker(settings: SearchSettings, worker_index: int = 0, progress: bool =
     ctx = build_context(settings, device, progress=progress)
     if on_ready is not None:
         on_ready()
+    ctx.progress = Progress(settings, storage, worker_index)
     space = bind_space(settings, ctx.pipe.unet)
     trials_so_far = len(optuna.load_study(storage=storage, study_name=settings.study_name).trials)
     sampler = st.make_sampler(settings.search["sampler"], settings.n_trials,
                               st.worker_seed(settings.search["seed"], worker_index, trials_so_far),
                               settings.search["population_size"])
     study = optuna.load_study(storage=storage, study_name=settings.study_name, sampler=sampler)
-    if settings.baselines["enabled"]:
-        bstudy = optuna.load_study(storage=storage, study_name=settings.baseline_study_name)
-        st.reclaim_stale_trials(bstudy, st.Recovery.from_search(settings.search))
-        run_baselines(bstudy, ctx)
+    bstudy = optuna.load_study(storage=storage, study_name=settings.baseline_study_name)
+    st.reclaim_stale_trials(bstudy, st.Recovery.from_search(settings.search))
+    run_baselines(bstudy, ctx)
     log.info("searching: %s", space.describe())
     done = run_search_trials(study, ctx, space, deadline)
+    try:
+        fstudy = optuna.load_study(storage=storage, study_name=settings.followup_study_name)
+    except KeyError:  # no candidate chosen yet
+        fstudy = None
+    if fstudy is not None:
+        st.reclaim_stale_trials(fstudy, st.Recovery.from_search(settings.search))
+        run_followups(fstudy, ctx, storage)
     del ctx
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

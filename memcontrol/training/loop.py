@@ -150,12 +150,13 @@ def _target(scheduler, latents, noise, timesteps):
 
 
 def finetune(pipe, mask: Mask, cached, cfg: TrainConfig | None = None, callback=None, callback_every: int = 0,
-             allow_partial: bool = False, progress: bool = True) -> TrainResult:
+             allow_partial: bool = False, progress: bool = True, on_step=None) -> TrainResult:
     """Fine-tune a copy of ``pipe.unet`` restricted to ``mask`` on ``cached`` (a ``CachedData``, or any object
     with ``len()``, ``batch(indices) -> (latents, text_embeds)`` and ``empty_embed``).
 
     Every ``callback_every`` steps, ``callback(step, unet)`` runs under ``torch.no_grad`` with the UNet in eval
-    mode; a string it returns stops the run (status "stopped"). A non-finite loss or running out of GPU memory
+    mode; a string it returns stops the run (status "stopped"). ``on_step(step, steps)``, if given, is called
+    after every step (progress reports: it must be cheap). A non-finite loss or running out of GPU memory
     ends the run with status "failed"; a mask that does not fit raises ``MaskError`` before training starts."""
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
@@ -222,6 +223,8 @@ def finetune(pipe, mask: Mask, cached, cfg: TrainConfig | None = None, callback=
             losses.append(value)
             bar.set_postfix(loss=f"{value:.4f}", refresh=False)
             bar.update(1)
+            if on_step is not None:
+                on_step(step, cfg.steps)
             if callback is not None and callback_every > 0 and step % callback_every == 0:
                 unet.eval()
                 with torch.no_grad():
