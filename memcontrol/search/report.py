@@ -13,8 +13,11 @@ from . import study as st
 from .results import Results, Row
 from .settings import SearchSettings
 
-BASELINE_MARKERS = {"full fine-tuning": "s", "LoRA on all attention": "^", "bias + norm tuning": "D"}
-PLOTLY_SYMBOLS = {"s": "square", "^": "triangle-up", "D": "diamond"}
+BASELINE_MARKERS = {"full fine-tuning": "s", "LoRA on all attention": "^", "bias + norm tuning": "D",
+                    "full FT + random caption replacement": "v", "full FT + random token insertion": "<",
+                    "full FT + text-embedding noise": ">", "full FT + Wen et al. inference mitigation": "X"}
+PLOTLY_SYMBOLS = {"s": "square", "^": "triangle-up", "D": "diamond", "v": "triangle-down", "<": "triangle-left",
+                  ">": "triangle-right", "X": "x"}
 # Every figure's 95% interval sits beside it: <name>_ci_low, <name>_ci_high (memcontrol.metrics.intervals).
 COLUMNS = ["kind", "number", "label", "state", "memorization", "memorization_ci_low", "memorization_ci_high",
            "quality", "quality_ci_low", "quality_ci_high", "feasible", "pareto", "chosen", "family",

@@ -126,6 +126,7 @@ def evaluate_candidate(ctx: SearchContext, candidate: Candidate, folder: Path, e
 def _evaluate(ctx, candidate, folder, early_stop, keep_adapter, progress) -> Outcome:
     from ..training import TrainConfig, finetune, pipeline_with_unet
     from .objectives import measure, sample
+    from .shared_training import load_shared, save_shared
 
     settings = ctx.settings
     mask = to_mask(candidate, ctx.adaptable_sites(candidate.family, candidate.granularity))
@@ -135,10 +136,13 @@ def _evaluate(ctx, candidate, folder, early_stop, keep_adapter, progress) -> Out
     # Adapter weights are initialised from torch's global generator when the mask is applied: seed it so that a
     # trial trained again (for export on another machine) gives the same adapter.
     torch.manual_seed(cfg.seed)
-    result = finetune(ctx.pipe, mask, ctx.cached, cfg, callback=stopper,
-                      callback_every=settings.early_stop["every"] if stopper else 0, progress=progress)
+    reused = load_shared(ctx, candidate, cfg) if candidate.shared_training else None
+    result = reused or finetune(ctx.pipe, mask, ctx.cached, cfg, callback=stopper,
+                                callback_every=settings.early_stop["every"] if stopper else 0, progress=progress)
     out = Outcome(OK, compute={"steps": result.steps, "step_budget": cfg.steps,
                                "train_seconds": round(result.seconds, 3), "early_stopped": result.status == STOPPED})
+    if candidate.shared_training:
+        out.compute["reused_training"] = reused is not None
     out.signal = stopper.history if stopper else []
     if result.applied is not None:
         out.trainable, out.trainable_percent = result.applied.trainable, result.applied.percent
@@ -147,11 +151,13 @@ def _evaluate(ctx, candidate, folder, early_stop, keep_adapter, progress) -> Out
     if result.status != OK:
         out.status, out.reason = (STOPPED if result.status == STOPPED else FAILED), result.reason
         return out
+    if candidate.shared_training and reused is None:
+        save_shared(ctx, candidate, cfg, result)
 
     tuned = pipeline_with_unet(ctx.pipe, result.applied.unet)
     t0 = time.perf_counter()
-    samples = sample(settings, tuned, ctx.sample_prompts)
-    quality_samples = sample(settings, tuned, ctx.quality_prompts)
+    samples = sample(settings, tuned, ctx.sample_prompts, candidate.inference, out.metrics)
+    quality_samples = sample(settings, tuned, ctx.quality_prompts, candidate.inference)
     out.compute["sample_seconds"] = round(time.perf_counter() - t0, 3)
     save_samples(samples, folder)
     t0 = time.perf_counter()
