@@ -114,9 +114,9 @@ class CaptionMitigator:
     def __call__(self, embeds: torch.Tensor, indices: torch.Tensor, step: int) -> torch.Tensor:
         gen = step_generator(self.seed, step)
         if self.kind == "embedding_noise":
-            hit = (torch.rand(len(indices), generator=gen) < self.p).to(embeds.dtype)
-            noise = torch.randn(embeds.shape, generator=gen).to(embeds.dtype)
-            return embeds + self.sigma * noise * hit.view(-1, 1, 1).to(embeds.device)
+            hit = (torch.rand(len(indices), generator=gen) < self.p).to(embeds.device, embeds.dtype)
+            noise = torch.randn(embeds.shape, generator=gen).to(embeds.device, embeds.dtype)
+            return embeds + self.sigma * noise * hit.view(-1, 1, 1)
         ids, hit = randomise_captions([self.captions[int(i)] for i in indices], self.kind, self.p, self.tokens,
                                       self.tokenizer, self.vocab, gen)
         if not hit.any():
