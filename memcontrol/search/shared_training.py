@@ -20,8 +20,6 @@ import logging
 import os
 from pathlib import Path
 
-import torch
-
 log = logging.getLogger(__name__)
 
 FOLDER = Path("baselines") / "_trained"
