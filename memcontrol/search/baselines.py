@@ -4,7 +4,8 @@ when ``baselines.methods`` asks for them, published mitigations applied to full 
 training-time caption randomisation (``full_ft_random_replace``, ``full_ft_random_insert``,
 ``full_ft_embedding_noise``: strengths in ``baselines.captions``) and Wen et al.'s inference-time prompt-embedding
 adjustment (``full_ft_wen``: ``baselines.wen``). The Wen row samples from the very model the ``full_ft`` row trained
-(``shared_training``): whichever of the two runs first saves it, the other loads it.
+(``shared_training``, when both rows are asked for): whichever of the two runs first saves it, the other loads
+it.
 
 They live in their own study (``<study_name>.baselines``) in the same storage, so that they never enter the
 sampler's population, yet are kept, resumed and shown by optuna-dashboard like the trials. Each baseline is
@@ -64,7 +65,8 @@ def baseline_candidate(name: str, settings: SearchSettings, unet) -> Candidate:
         if name == "full_ft_wen":
             candidate.inference = {"wen": dict(settings.baselines["wen"])}
         methods = settings.baselines["methods"]
-        candidate.shared_training = name in SAME_TRAINING or any(
+        # Saved for, or loaded from, a partner row only when that row is run too.
+        candidate.shared_training = SAME_TRAINING.get(name) in methods or any(
             SAME_TRAINING.get(m) == name for m in methods)
         return candidate
     if name == "lora_attention":
