@@ -61,7 +61,7 @@ def adjust_prompt_embeds(pipe, prompts: list[str], cfg: WenConfig | None = None,
     out, report = [], {"start": [], "end": [], "iterations": []}
     for begin in range(0, len(prompts), batch_size):
         chunk = prompts[begin:begin + batch_size]
-        embeds = cond[begin:begin + len(chunk)].detach().float().clone().requires_grad_(True)
+        embeds = cond[begin:begin + len(chunk)].detach().to(ref.device, torch.float32).clone().requires_grad_(True)
         uncond = empty.to(ref.device, ref.dtype).expand(len(chunk), -1, -1)
         opt = torch.optim.AdamW([embeds], lr=cfg.lr)
         done = torch.zeros(len(chunk), dtype=torch.bool, device=ref.device)
