@@ -46,8 +46,12 @@ def scheduler_for(pipe, sampler: str | None):
 @torch.no_grad()
 def generate_samples(pipe, prompts: list[str], n_per_prompt: int = 1, steps: int = 20, seed: int = 0,
                      guidance_scale: float = 7.5, batch_size: int = 8, sampler: str | None = None,
-                     resolution: int | None = None) -> torch.Tensor:
+                     resolution: int | None = None, prompt_embeds: torch.Tensor | None = None) -> torch.Tensor:
     """Images N x 3 x H x W in [-1, 1], prompt-major: prompt 0's samples first, then prompt 1's, and so on.
+
+    ``prompt_embeds`` (P x L x D, one per prompt) conditions on these text embeddings instead of the prompts' own
+    (an inference-time mitigation's adjusted embeddings); the prompts still seed the starting noise, so the same
+    prompt starts from the same noise with or without them.
 
     ``sampler`` swaps in DDIM or DPM-Solver++ (good with 10-25 steps) built from the pipeline's scheduler config for
     this call only; ``None`` keeps the pipeline's scheduler.
@@ -55,7 +59,9 @@ def generate_samples(pipe, prompts: list[str], n_per_prompt: int = 1, steps: int
     if n_per_prompt < 1:
         raise ConfigError(f"n_per_prompt must be at least 1, got {n_per_prompt}")
     size = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    jobs = [(p, noise_seed(p, seed, j)) for p in prompts for j in range(n_per_prompt)]
+    if prompt_embeds is not None and len(prompt_embeds) != len(prompts):
+        raise ConfigError(f"prompt_embeds holds {len(prompt_embeds)} embeddings for {len(prompts)} prompts")
+    jobs = [(i, noise_seed(p, seed, j)) for i, p in enumerate(prompts) for j in range(n_per_prompt)]
     device = pipe.unet.device
     dtype = pipe.unet.dtype
     original = pipe.scheduler
@@ -66,7 +72,10 @@ def generate_samples(pipe, prompts: list[str], n_per_prompt: int = 1, steps: int
         for start in tqdm(range(0, len(jobs), batch_size), desc="generating", unit="batch", leave=False):
             chunk = jobs[start:start + batch_size]
             latents = torch.stack([sample_noise(pipe, s, size, size) for _, s in chunk]).to(device, dtype)
-            images = pipe(prompt=[p for p, _ in chunk], latents=latents, num_inference_steps=steps,
+            which = [i for i, _ in chunk]
+            text = ({"prompt": [prompts[i] for i in which]} if prompt_embeds is None
+                    else {"prompt_embeds": prompt_embeds[which].to(device, dtype)})
+            images = pipe(**text, latents=latents, num_inference_steps=steps,
                           guidance_scale=guidance_scale, height=size, width=size, output_type="pt").images
             out.append((images.float().cpu() * 2 - 1).clamp(-1, 1))
     finally:

@@ -15,6 +15,8 @@ from ..data.dataset import ON_ERROR
 from ..data.transforms import CROPS
 from ..errors import MemcontrolError
 from ..metrics.memorization import DEFAULT_DELTA, DEFAULT_TAU, RATIO_THRESHOLD
+from ..mitigations.captions import CaptionStrength
+from ..mitigations.wen import WenConfig
 from ..sampling import SAMPLERS
 from ..search.selection import DEFAULT_COPY_BOUND, DEFAULT_RULE, RULES
 from ..training import TrainConfig
@@ -23,7 +25,11 @@ from .devices import Device, DtypeName
 
 MEMORIZATION_METRICS = ("mean_similarity", "p95_similarity", "copy_fraction", "distance_ratio_fraction")
 QUALITY_METRICS = ("fd", "kid")
-BASELINES = ("full_ft", "lora_attention", "bitfit_norm")
+# The last four are published mitigations applied to full fine-tuning (``memcontrol.mitigations``): not run unless
+# asked for, since each costs a baseline's training or sampling again.
+BASELINES = ("full_ft", "lora_attention", "bitfit_norm", "full_ft_random_replace", "full_ft_random_insert",
+             "full_ft_embedding_noise", "full_ft_wen")
+DEFAULT_BASELINES = BASELINES[:3]
 SEARCH_SAMPLERS = ("nsga2", "tpe", "random")
 SPACE_PRESETS = ("reference", "extended")
 
@@ -259,9 +265,11 @@ class BaselineRates(Section):
 
 class BaselinesSection(Section):
     enabled: bool = True
-    methods: list[Literal[BASELINES]] = Field(default_factory=lambda: list(BASELINES))
+    methods: list[Literal[BASELINES]] = Field(default_factory=lambda: list(DEFAULT_BASELINES))
     lora_rank: Positive = 4
-    lr: BaselineRates = Field(default_factory=BaselineRates)
+    lr: BaselineRates = Field(default_factory=BaselineRates)  # full_ft's rate also trains the mitigation rows
+    captions: CaptionStrength = Field(default_factory=CaptionStrength)  # the full_ft_random_*/embedding_noise rows
+    wen: WenConfig = Field(default_factory=WenConfig)                   # the full_ft_wen row
 
 
 class SelectionSection(Section):

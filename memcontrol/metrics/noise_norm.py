@@ -44,6 +44,17 @@ def _encode(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     return cond, empty
 
 
+def text_noise_gap(unet, model_in: torch.Tensor, t, text: torch.Tensor, scheduler):
+    """|| eps(x_t, e_p) - eps(x_t, e_empty) ||_2 per item of ``model_in`` (B x C x h x w, already scaled for
+    ``t``), with ``text`` the prompts' embeddings followed by as many empty-prompt embeddings (2B x L x D); also the
+    raw conditional and unconditional outputs. Differentiable in ``text``: Wen et al.'s mitigation descends it."""
+    out = unet(torch.cat([model_in, model_in]), t, encoder_hidden_states=text).sample
+    out_c, out_u = out.chunk(2)
+    eps_c = _as_epsilon(out_c, model_in, t, scheduler)
+    eps_u = _as_epsilon(out_u, model_in, t, scheduler)
+    return (eps_c - eps_u).flatten(1).float().norm(dim=1), out_c, out_u
+
+
 @torch.no_grad()
 def noise_norm(model, prompts, steps: int = 1, seed: int = 0, num_inference_steps: int = 50,
                guidance_scale: float = 7.5, samples_per_prompt: int = 1, batch_size: int = 16, *,
@@ -83,11 +94,8 @@ def noise_norm(model, prompts, steps: int = 1, seed: int = 0, num_inference_step
         total = torch.zeros(len(chunk), device=ref.device)
         for t in sched.timesteps[:steps]:
             model_in = sched.scale_model_input(x, t)
-            out = unet(torch.cat([model_in, model_in]), t, encoder_hidden_states=text).sample
-            out_c, out_u = out.chunk(2)
-            eps_c = _as_epsilon(out_c, model_in, t, sched)
-            eps_u = _as_epsilon(out_u, model_in, t, sched)
-            total += (eps_c - eps_u).flatten(1).float().norm(dim=1)
+            gap, out_c, out_u = text_noise_gap(unet, model_in, t, text, sched)
+            total += gap
             guided = out_u + guidance_scale * (out_c - out_u) if guidance_scale > 1 else out_c
             x = sched.step(guided, t, x).prev_sample
         scores[start:start + len(chunk)] = (total / steps).cpu()

@@ -1,5 +1,11 @@
 """The baselines every search is compared with, run by the same workers with the same data, training budget
-(``train.steps``), samples and metrics: full fine-tuning, LoRA on all attention blocks, and bias/norm tuning.
+(``train.steps``), samples and metrics: full fine-tuning, LoRA on all attention blocks, and bias/norm tuning; and,
+when ``baselines.methods`` asks for them, published mitigations applied to full fine-tuning: Somepalli et al.'s
+training-time caption randomisation (``full_ft_random_replace``, ``full_ft_random_insert``,
+``full_ft_embedding_noise``: strengths in ``baselines.captions``) and Wen et al.'s inference-time prompt-embedding
+adjustment (``full_ft_wen``: ``baselines.wen``). The Wen row samples from the very model the ``full_ft`` row trained
+(``shared_training``, when both rows are asked for): whichever of the two runs first saves it, the other loads
+it.
 
 They live in their own study (``<study_name>.baselines``) in the same storage, so that they never enter the
 sampler's population, yet are kept, resumed and shown by optuna-dashboard like the trials. Each baseline is
@@ -22,7 +28,15 @@ from .space import Candidate
 BASELINE_ATTR = "baseline"
 BASE_MODEL = "base_model"
 LABELS = {"full_ft": "full fine-tuning", "lora_attention": "LoRA on all attention", "bitfit_norm": "bias + norm tuning",
-          BASE_MODEL: "base model, not fine-tuned"}
+          BASE_MODEL: "base model, not fine-tuned",
+          "full_ft_random_replace": "full FT + random caption replacement",
+          "full_ft_random_insert": "full FT + random token insertion",
+          "full_ft_embedding_noise": "full FT + text-embedding noise",
+          "full_ft_wen": "full FT + Wen et al. inference mitigation"}
+CAPTION_ROWS = {"full_ft_random_replace": "random_replace", "full_ft_random_insert": "random_insert",
+                "full_ft_embedding_noise": "embedding_noise"}
+# Rows that sample from another row's trained model: they share its training instead of repeating it.
+SAME_TRAINING = {"full_ft_wen": "full_ft"}
 
 
 def baseline_methods(settings: SearchSettings) -> list[str]:
@@ -55,10 +69,21 @@ def baseline_candidate(name: str, settings: SearchSettings, unet) -> Candidate:
     if name == BASE_MODEL:
         return Candidate([], "block", NO_TRAINING)
     sites = enumerate_sites(unet, "block")
-    lr = {"lr": float(settings.baselines["lr"][name])} if name in (settings.baselines.get("lr") or {}) else {}
-    if name == "full_ft":
+    rates = settings.baselines.get("lr") or {}
+    rate_of = "full_ft" if name.startswith("full_ft") else name  # a mitigation row trains like full fine-tuning
+    lr = {"lr": float(rates[rate_of])} if rate_of in rates else {}
+    if name.startswith("full_ft"):
         # Every block-level site: together they cover every parameter of the UNet.
-        return Candidate([s.name for s in sites], "block", "unfreeze", {}, lr)
+        candidate = Candidate([s.name for s in sites], "block", "unfreeze", {}, lr)
+        if name in CAPTION_ROWS:
+            candidate.train["caption_mitigation"] = {**settings.baselines["captions"], "kind": CAPTION_ROWS[name]}
+        if name == "full_ft_wen":
+            candidate.inference = {"wen": dict(settings.baselines["wen"])}
+        methods = settings.baselines["methods"]
+        # Saved for, or loaded from, a partner row only when that row is run too.
+        candidate.shared_training = SAME_TRAINING.get(name) in methods or any(
+            SAME_TRAINING.get(m) == name for m in methods)
+        return candidate
     if name == "lora_attention":
         rank = int(settings.baselines["lora_rank"])
         return Candidate([s.name for s in sites if s.kind == "attention"], "block", "lora",

@@ -58,12 +58,25 @@ def build_references(settings: SearchSettings, pipe, train_set, heldout) -> Refe
                       list(train_set.keys), heldout_features, stats, pixels)
 
 
-def sample(settings: SearchSettings, pipe, prompts: list[str]) -> torch.Tensor:
+def sample(settings: SearchSettings, pipe, prompts: list[str], inference: dict | None = None,
+           stats: dict | None = None) -> torch.Tensor:
+    """The samples of ``prompts``; with ``inference`` ``{"wen": {...}}``, from text embeddings adjusted by Wen et
+    al.'s mitigation (``memcontrol.mitigations.wen``), whose mean noise norm before and after goes to ``stats``."""
     from ..sampling import generate_samples
 
     s = settings.sampling
+    embeds = None
+    if inference and "wen" in inference:
+        from ..mitigations.wen import WenConfig, adjust_prompt_embeds
+
+        embeds, report = adjust_prompt_embeds(pipe, prompts, WenConfig(**inference["wen"]), s["steps"],
+                                              s["sampler"], s["seed"])
+        if stats is not None:
+            stats.update({"wen_norm_start": float(report["start"].mean()),
+                          "wen_norm_end": float(report["end"].mean()),
+                          "wen_iterations": float(report["iterations"].float().mean())})
     return generate_samples(pipe, prompts, n_per_prompt=s["per_prompt"], steps=s["steps"], seed=s["seed"],
-                            guidance_scale=s["guidance_scale"], sampler=s["sampler"])
+                            guidance_scale=s["guidance_scale"], sampler=s["sampler"], prompt_embeds=embeds)
 
 
 def with_interval(result: dict, key: str, name: str | None = None) -> dict:

@@ -14,8 +14,11 @@ from .results import Results, Row
 from .settings import SearchSettings
 
 BASELINE_MARKERS = {"full fine-tuning": "s", "LoRA on all attention": "^", "bias + norm tuning": "D",
-                    "base model, not fine-tuned": "P"}
-PLOTLY_SYMBOLS = {"s": "square", "^": "triangle-up", "D": "diamond", "P": "cross", "v": "triangle-down"}
+                    "base model, not fine-tuned": "P",
+                    "full FT + random caption replacement": "<", "full FT + random token insertion": ">",
+                    "full FT + text-embedding noise": "h", "full FT + Wen et al. inference mitigation": "X"}
+PLOTLY_SYMBOLS = {"s": "square", "^": "triangle-up", "D": "diamond", "P": "cross", "v": "triangle-down",
+                  "<": "triangle-left", ">": "triangle-right", "h": "hexagon", "X": "x"}
 CONTROL_MARKER = "v"
 # Every figure's 95% interval sits beside it: <name>_ci_low, <name>_ci_high (memcontrol.metrics.intervals).
 COLUMNS = ["kind", "number", "label", "state", "memorization", "memorization_ci_low", "memorization_ci_high",

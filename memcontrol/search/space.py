@@ -38,12 +38,17 @@ SWITCH_PREFIX = "on:"
 
 @dataclass
 class Candidate:
-    """What one trial trains: the sites switched on, the family and its hyperparameters, training overrides."""
+    """What one trial trains: the sites switched on, the family and its hyperparameters, training overrides; and,
+    for the mitigation baselines, an inference-time mitigation of its sampling (``inference``, e.g. ``{"wen": {...}}``)
+    and whether its trained model is saved for, or loaded from, another trial with the same training
+    (``shared_training``: ``memcontrol.search.shared_training``)."""
     sites: list[str]
     granularity: str
     family: str
     family_params: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
+    inference: dict = field(default_factory=dict)
+    shared_training: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)

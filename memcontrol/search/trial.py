@@ -124,7 +124,8 @@ def evaluate_candidate(ctx: SearchContext, candidate: Candidate, folder: Path, e
             outcome = _measure(ctx, settings, ctx.pipe, folder, Outcome(OK, compute={"steps": 0, "step_budget": 0}))
             outcome.trainable, outcome.trainable_percent = 0, 0.0
         elif adapter is not None and is_exported(adapter):
-            outcome = _measure(ctx, settings, _with_adapter(ctx.pipe, adapter), folder, Outcome(OK))
+            outcome = _measure(ctx, settings, _with_adapter(ctx.pipe, adapter), folder, Outcome(OK),
+                               candidate.inference)
         else:
             outcome = _evaluate(ctx, settings, candidate, folder, early_stop, keep_adapter, progress)
     except Exception as err:  # noqa: BLE001 - every outcome is mapped here, once; the worker acts on the status
@@ -154,6 +155,7 @@ def _with_adapter(pipe, adapter: Path):
 
 def _evaluate(ctx, settings, candidate, folder, early_stop, keep_adapter, progress) -> Outcome:
     from ..training import TrainConfig, finetune, pipeline_with_unet
+    from .shared_training import load_shared, save_shared
 
     mask = to_mask(candidate, ctx.adaptable_sites(candidate.family, candidate.granularity))
     mask.to_json(folder / "mask.json")
@@ -165,11 +167,14 @@ def _evaluate(ctx, settings, candidate, folder, early_stop, keep_adapter, progre
     reporter = ctx.progress
     if reporter is not None:
         reporter.phase("train", cfg.steps)
-    result = finetune(ctx.pipe, mask, ctx.cached, cfg, callback=stopper,
-                      callback_every=settings.early_stop["every"] if stopper else 0, progress=progress,
-                      on_step=reporter.step if reporter is not None else None)
+    reused = load_shared(ctx, candidate, cfg) if candidate.shared_training else None
+    result = reused or finetune(ctx.pipe, mask, ctx.cached, cfg, callback=stopper,
+                                callback_every=settings.early_stop["every"] if stopper else 0, progress=progress,
+                                on_step=reporter.step if reporter is not None else None)
     out = Outcome(OK, compute={"steps": result.steps, "step_budget": cfg.steps,
                                "train_seconds": round(result.seconds, 3), "early_stopped": result.status == STOPPED})
+    if candidate.shared_training:
+        out.compute["reused_training"] = reused is not None
     out.signal = stopper.history if stopper else []
     if result.applied is not None:
         out.trainable, out.trainable_percent = result.applied.trainable, result.applied.percent
@@ -178,8 +183,11 @@ def _evaluate(ctx, settings, candidate, folder, early_stop, keep_adapter, progre
     if result.status != OK:
         out.status, out.reason = (STOPPED if result.status == STOPPED else FAILED), result.reason
         return out
+    if candidate.shared_training and reused is None:
+        save_shared(ctx, candidate, cfg, result)
 
-    out = _measure(ctx, settings, pipeline_with_unet(ctx.pipe, result.applied.unet), folder, out)
+    out = _measure(ctx, settings, pipeline_with_unet(ctx.pipe, result.applied.unet), folder, out,
+                   candidate.inference)
     if out.status == OK and keep_adapter:
         from ..export import export_adapter
 
@@ -191,8 +199,9 @@ def _evaluate(ctx, settings, candidate, folder, early_stop, keep_adapter, progre
     return out
 
 
-def _measure(ctx, settings, tuned, folder: Path, out: Outcome) -> Outcome:
-    """Sample ``tuned`` (the sampling seed of ``settings``) and measure the samples into ``out``."""
+def _measure(ctx, settings, tuned, folder: Path, out: Outcome, inference: dict | None = None) -> Outcome:
+    """Sample ``tuned`` (the sampling seed of ``settings``; ``inference``: the candidate's inference-time
+    mitigation, if any) and measure the samples into ``out``."""
     from .objectives import measure, sample
 
     reporter = ctx.progress
@@ -200,8 +209,8 @@ def _measure(ctx, settings, tuned, folder: Path, out: Outcome) -> Outcome:
         n = (len(ctx.sample_prompts) + len(ctx.quality_prompts)) * settings.sampling["per_prompt"]
         reporter.phase("sample", n)
     t0 = time.perf_counter()
-    samples = sample(settings, tuned, ctx.sample_prompts)
-    quality_samples = sample(settings, tuned, ctx.quality_prompts)
+    samples = sample(settings, tuned, ctx.sample_prompts, inference, out.metrics)
+    quality_samples = sample(settings, tuned, ctx.quality_prompts, inference)
     out.compute["sample_seconds"] = round(time.perf_counter() - t0, 3)
     save_samples(samples, folder)
     if reporter is not None:

@@ -24,6 +24,7 @@ from ..config.base import Section, validated
 from ..config.devices import Device, resolve_device
 from ..errors import ConfigError
 from ..masks import AppliedMask, Mask, apply_mask
+from ..mitigations.captions import CaptionMitigation, caption_mitigator
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,8 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 class TrainConfig(Section):
     """Settings of one fine-tuning run (the ``train`` section of a config). ``warmup`` is in steps; ``grad_clip`` 0
     turns clipping off; ``caption_dropout`` is the probability of training an item on the empty prompt (for
-    classifier-free guidance); ``mixed_precision`` is accelerate's ("no", "fp16" on CUDA, "bf16"); ``device`` is
+    classifier-free guidance); ``caption_mitigation`` is a training-time caption mitigation of Somepalli et al.
+    (``memcontrol.mitigations.captions``, off by default); ``mixed_precision`` is accelerate's ("no", "fp16" on CUDA, "bf16"); ``device`` is
     where training runs (default: where the pipeline's UNet is)."""
 
     steps: int = Field(500, ge=1)
@@ -45,6 +47,7 @@ class TrainConfig(Section):
     schedule: Literal[tuple(SCHEDULES)] = "constant"
     grad_clip: float = Field(1.0, ge=0)
     caption_dropout: float = Field(0.1, ge=0, lt=1)
+    caption_mitigation: CaptionMitigation = Field(default_factory=CaptionMitigation)
     seed: int = Field(0, ge=0)
     mixed_precision: Literal[MIXED_PRECISION] = "no"
     gradient_checkpointing: bool = False
@@ -188,6 +191,7 @@ def finetune(pipe, mask: Mask, cached, cfg: TrainConfig | None = None, callback=
     # exactly from its seed whatever the device.
     gen = torch.Generator().manual_seed(cfg.seed)
     empty = cached.empty_embed.to(device)
+    mitigator = caption_mitigator(cfg.caption_mitigation, pipe, cached, cfg.seed)
     num_timesteps = noise_scheduler.config.num_train_timesteps
     batches = _batch_indices(len(cached), cfg.batch_size, gen)
     losses, status, reason, step = [], "ok", None, 0
@@ -198,6 +202,8 @@ def finetune(pipe, mask: Mask, cached, cfg: TrainConfig | None = None, callback=
         while step < cfg.steps:
             idx = next(batches)
             latents, embeds = cached.batch(idx)
+            if mitigator is not None:
+                embeds = mitigator(embeds, idx, step)
             bsz = latents.shape[0]
             noise = torch.randn(latents.shape, generator=gen).to(device)
             timesteps = torch.randint(0, num_timesteps, (bsz,), generator=gen).to(device)
