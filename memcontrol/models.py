@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import MissingWeightsError, UnsafeCheckpointError
+from .errors import ConfigError, DataError, MissingWeightsError, UnsafeCheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -71,17 +71,49 @@ def check_local_folder(path: str | Path, option: str = "--model") -> Path:
     return p
 
 
+SINGLE_FILE_SUFFIXES = {".safetensors", ".ckpt", ".pt", ".pth", ".bin"}
+
+
 def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                  option: str = "--model"):
-    """A ``StableDiffusionPipeline`` from a local folder, safety checker off, weights from safetensors only."""
+                  option: str = "--model", config: str | Path | None = None):
+    """A ``StableDiffusionPipeline`` from a local folder, safety checker off, weights from safetensors only; or
+    from a single-file checkpoint in the original layout (``.safetensors``, or ``.ckpt``/``.pt`` read with
+    ``weights_only``), whose architecture ``config`` (a local diffusers pipeline folder) describes."""
     from diffusers import StableDiffusionPipeline
 
-    folder = check_local_folder(path, option)
-    pipe = StableDiffusionPipeline.from_pretrained(
-        str(folder), local_files_only=True, use_safetensors=True, safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False, dtype=dtype)
+    if Path(path).expanduser().is_file() and Path(path).suffix in SINGLE_FILE_SUFFIXES:
+        pipe = _load_single_file(Path(path).expanduser(), config, dtype, option)
+    else:
+        folder = check_local_folder(path, option)
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(folder), local_files_only=True, use_safetensors=True, safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def _load_single_file(path: Path, config, dtype, option: str):
+    """diffusers' ``from_single_file`` kept offline: the configs (and tokenizer) come from the local folder
+    ``config``, since guessing them would mean fetching them from the hub."""
+    from diffusers import StableDiffusionPipeline
+
+    if config is None:
+        raise ConfigError(f"{path}: a single-file checkpoint needs the diffusers folder of its architecture to load "
+                          "without downloading: pass --model-config DIR, a local diffusers pipeline of the same "
+                          "model family (e.g. the base model it was fine-tuned from; only its configs and tokenizer "
+                          "are read)")
+    folder = Path(config).expanduser()
+    if not (folder / MODEL_INDEX).is_file():
+        raise MissingWeightsError(f"'{MODEL_INDEX}' of a diffusers pipeline", folder / MODEL_INDEX,
+                                  "--model-config (the diffusers folder describing the single-file checkpoint)")
+    try:
+        return StableDiffusionPipeline.from_single_file(
+            str(path), config=str(folder), local_files_only=True, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False, dtype=dtype)
+    except (ValueError, KeyError, RuntimeError, OSError) as err:
+        # diffusers' loader uses torch.load(weights_only=True); a refused pickle surfaces here too.
+        raise DataError(path, f"not a Stable Diffusion single-file checkpoint matching {folder} "
+                              f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
 
 
 def sd15_unet_meta():

@@ -6,3 +6,7 @@ evaluated), ``objectives`` (the metrics of a trial), ``baselines``, ``worker`` (
 ``selection`` (Pareto front, chosen candidate), ``report`` and ``report_html`` (CSV, plots, HTML), ``run`` (the
 ``memcontrol search`` command from start to end). Nothing heavy is imported here.
 """
+
+from ..api import callable_package, search
+
+callable_package(__name__, search)  # memcontrol.search(config, out=...) runs the search (memcontrol.api)
