@@ -180,7 +180,8 @@ def load_peft_adapter(module, folder: str | Path, option: str = "an export folde
     """Add the peft adapter saved in ``folder`` (``adapter_config.json`` + ``adapter_model.safetensors``, as
     ``PeftModel.save_pretrained`` writes them; any peft type) to ``module`` (a UNet or a text encoder) in place;
     returns the adapter's name on the module."""
-    from peft import PeftConfig, set_peft_model_state_dict
+    from diffusers import ModelMixin
+    from peft import PeftConfig, inject_adapter_in_model, set_peft_model_state_dict
 
     from .weights import load_state_dict
 
@@ -199,7 +200,11 @@ def load_peft_adapter(module, folder: str | Path, option: str = "an export folde
     state = {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in state.items()}
     name = _free_adapter_name(module)
     try:
-        module.add_adapter(config, adapter_name=name)
+        if isinstance(module, ModelMixin):
+            module.add_adapter(config, adapter_name=name)
+        else:
+            # peft directly: transformers' own add_adapter demands a newer peft than diffusers does.
+            inject_adapter_in_model(config, module, adapter_name=name)
     except ValueError as err:
         raise MaskError(f"{folder}: the adapter does not fit this model ({str(err).splitlines()[0]})") from None
     result = set_peft_model_state_dict(module, state, adapter_name=name)

@@ -97,8 +97,8 @@ def _is_lora(keys: list[str]) -> bool:
 
 
 def _refuse(path: Path, found: str):
-    kinds = "\n".join(f"  - {v}" for v in ADAPTER_KINDS.values())
-    raise DataError(path, f"{found}; --adapter takes one of:\n{kinds}")
+    kinds = "; ".join(f"({i}) {v}" for i, v in enumerate(ADAPTER_KINDS.values(), 1))
+    raise DataError(path, f"{found}. --adapter takes {kinds}")
 
 
 def _file_kind(path: Path) -> str:
@@ -195,13 +195,21 @@ def load_any_adapter(pipe, path: str | Path) -> str:
         load_unet_params(pipe.unet, where)
     else:
         before = _adapter_names(pipe)
-        if where.suffix == ".safetensors":
-            # diffusers reads the file itself, so that the peft metadata in its header (alpha) is kept.
-            pipe.load_lora_weights(str(where.parent), weight_name=where.name)
-        else:
-            from ..weights import load_state_dict
+        try:
+            if where.suffix == ".safetensors":
+                # diffusers reads the file itself, so that the peft metadata in its header (alpha) is kept.
+                pipe.load_lora_weights(str(where.parent), weight_name=where.name)
+            else:
+                from ..weights import load_state_dict
 
-            pipe.load_lora_weights(load_state_dict(where, "LoRA weights", "--adapter"))
+                pipe.load_lora_weights(load_state_dict(where, "LoRA weights", "--adapter"))
+        except ValueError as err:
+            if "version of PEFT" not in str(err):
+                raise MaskError(f"{where}: diffusers could not load this LoRA ({str(err).splitlines()[0]})") from None
+            raise MaskError(f"{where}: this LoRA has text-encoder layers, which diffusers loads through "
+                            f"transformers, and the installed transformers refuses the installed peft "
+                            f"({str(err).splitlines()[0]}). Install the peft version it asks for, or audit a "
+                            "UNet-only LoRA") from None
         if _adapter_names(pipe) == before:
             raise MaskError(f"{where}: no layer of this model matched the LoRA's keys (another base model?)")
     return kind
