@@ -157,17 +157,101 @@ def test_a_flat_peft_folder_goes_to_the_component_its_keys_name(tiny_pipe, tiny_
     assert not getattr(pipe.unet, "peft_config", None)
 
 
-def test_a_fully_fine_tuned_diffusers_folder_is_a_model(tiny_pipe_dir, prompts, base_norms, tmp_path):
+@pytest.fixture(scope="module")
+def tuned(tiny_pipe_dir, prompts, tmp_path_factory):
+    """A fully fine-tuned model (cross-attention weights moved), saved by diffusers' save_pretrained, and its audit."""
     from memcontrol.models import load_pipeline
 
+    root = tmp_path_factory.mktemp("kinds-tuned")
     pipe = load_pipeline(tiny_pipe_dir)
     gen = torch.Generator().manual_seed(6)
     with torch.no_grad():
         for name, p in pipe.unet.named_parameters():
             if "attn2" in name:
                 p.add_(torch.randn(p.shape, generator=gen) * 0.1)
-    pipe.save_pretrained(str(tmp_path / "tuned"), safe_serialization=True)
-    assert _audit(tmp_path / "tuned", tmp_path / "out", prompts=prompts) != pytest.approx(base_norms, rel=1e-3)
+    pipe.save_pretrained(str(root / "tuned"), safe_serialization=True)
+    return pipe, _audit(root / "tuned", root / "out", prompts=prompts)
+
+
+def test_a_fully_fine_tuned_diffusers_folder_is_a_model(tuned, base_norms):
+    assert tuned[1] != pytest.approx(base_norms, rel=1e-3)
+
+
+def _original_layout(pipe) -> dict:
+    """The pipeline's weights under the original Stable Diffusion (LDM) names that single-file checkpoints use:
+    ``model.diffusion_model.`` (UNet in input/middle/output blocks), ``first_stage_model.`` (VAE),
+    ``cond_stage_model.transformer.`` (CLIP)."""
+    import re
+
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING as TABLE
+
+    lpb = pipe.unet.config.layers_per_block
+    up_attn = ["CrossAttn" in t for t in pipe.unet.config.up_block_types]
+    resnet = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"), ("conv2", "out_layers.3"),
+              ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection")]
+
+    def unet_key(k):
+        if k in TABLE["unet"]["layers"]:
+            return TABLE["unet"]["layers"][k]
+        if k.startswith("mid_block."):
+            part, j, rest = re.match(r"mid_block\.(\w+)\.(\d+)\.(.*)", k).groups()
+            if part == "attentions":
+                return f"middle_block.1.{rest}"
+            head = f"middle_block.{2 * int(j)}"
+        else:
+            side, b, part, j, rest = re.match(r"(down|up)_blocks\.(\d+)\.(\w+)\.(\d+)\.(.*)", k).groups()
+            b, j = int(b), int(j)
+            if part == "downsamplers":
+                return f"input_blocks.{(b + 1) * (lpb + 1)}.0.op.{rest.removeprefix('conv.')}"
+            if part == "upsamplers":
+                return f"output_blocks.{b * (lpb + 1) + lpb}.{2 if up_attn[b] else 1}.{rest}"
+            block = f"input_blocks.{1 + b * (lpb + 1) + j}" if side == "down" else f"output_blocks.{b * (lpb + 1) + j}"
+            if part == "attentions":
+                return f"{block}.1.{rest}"
+            head = f"{block}.0"
+        for new, old in resnet:
+            rest = rest.replace(new + ".", old + ".")
+        return f"{head}.{rest}"
+
+    n_up = len(pipe.vae.config.up_block_types)
+
+    def vae_item(k, v):
+        if k in TABLE["vae"]:
+            return TABLE["vae"][k], v
+        k = k.replace("conv_shortcut", "nin_shortcut")
+        k = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets", r"encoder.down.\1.block", k)
+        k = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0", r"encoder.down.\1.downsample", k)
+        k = re.sub(r"decoder\.up_blocks\.(\d+)\.(resnets|upsamplers\.0)",
+                   lambda m: f"decoder.up.{n_up - 1 - int(m[1])}.{'block' if m[2] == 'resnets' else 'upsample'}", k)
+        k = re.sub(r"mid_block\.resnets\.(\d+)", lambda m: f"mid.block_{int(m[1]) + 1}", k)
+        if "mid_block.attentions.0." in k:
+            k = k.replace("mid_block.attentions.0.", "mid.attn_1.")
+            for new, old in (("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"),
+                             ("to_out.0", "proj_out")):
+                k = k.replace(f".{new}.", f".{old}.")
+            v = v[:, :, None, None] if v.ndim == 2 else v  # 1x1 convolutions there
+        return k, v
+
+    out = {"model.diffusion_model." + unet_key(k): v for k, v in pipe.unet.state_dict().items()}
+    out.update({"first_stage_model." + k: v for k, v in (vae_item(*kv) for kv in pipe.vae.state_dict().items())})
+    # The original checkpoints nest CLIP's text tower under "text_model." (transformers >= 5.6 no longer does).
+    out.update({"cond_stage_model.transformer." + ("" if k.startswith("text_model.") else "text_model.") + k: v
+                for k, v in pipe.text_encoder.state_dict().items()})
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def test_a_single_file_checkpoint_with_its_config_folder(tuned, tiny_pipe_dir, prompts, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    pipe, tuned_norms = tuned
+    save_file(_original_layout(pipe), str(tmp_path / "model.safetensors"))
+    norms = _audit(tmp_path / "model.safetensors", tmp_path / "out", prompts=prompts, model_config=tiny_pipe_dir)
+    # The fine-tuned weights, not the config folder's: the same output as the fine-tuned diffusers folder.
+    assert norms == pytest.approx(tuned_norms, rel=1e-5)
+    assert main(["audit", "--model", str(tmp_path / "model.safetensors"), "--prompts", str(prompts),
+                 "--out", str(tmp_path / "o2")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "model.safetensors" in err and "--model-config" in err and len(err.splitlines()) == 1
 
 
 def test_what_is_no_adapter_is_refused_naming_the_path_and_the_kinds(tiny_pipe, tiny_pipe_dir, tmp_path):
