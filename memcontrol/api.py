@@ -88,7 +88,8 @@ def search(config, out, *, storage: str | None = None, n_trials: int | None = No
     result = SearchResult(
         out=settings.out_dir, storage=settings.storage_url, chosen=results.chosen, selection=results.selection,
         front=list(results.front), trials=list(results.trials), baselines=list(results.baselines),
-        counts=results.counts(), budget=settings.n_trials, table=outputs.table, best=outputs.best, report=outputs.report,
+        counts=results.counts(), budget=settings.n_trials, table=outputs.table, best=outputs.best,
+        report=outputs.report,
         trials_csv=settings.out_dir / "trials.csv", pareto_csv=settings.out_dir / "pareto.csv",
         stopped_workers=list(outputs.stopped_workers), first_failure=results.first_failure())
     if check and result.problem:

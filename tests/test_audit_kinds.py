@@ -273,5 +273,31 @@ def test_what_is_no_adapter_is_refused_naming_the_path_and_the_kinds(tiny_pipe, 
     # LoRA keys for layers this model does not have: an error, not an audit of the bare base model.
     save_file({"lora_unet_no_such_layer.lora_down.weight": torch.zeros(2, 8),
                "lora_unet_no_such_layer.lora_up.weight": torch.zeros(8, 2)}, str(tmp_path / "other.safetensors"))
-    with pytest.raises(MaskError, match="other.safetensors: .*(no layer of this model matched|not found in the base)"):
+    with pytest.raises(MaskError, match=r"other.safetensors: .*(no layer of this model matched|not found in the base)"):
         load_any_adapter(copy.deepcopy(tiny_pipe), tmp_path / "other.safetensors")
+
+
+def test_a_lora_with_text_encoder_layers_loads_or_says_why(tiny_pipe, tmp_path):
+    """diffusers loads text-encoder LoRA layers through transformers, which may refuse the installed peft: then the
+    audit must stop with that reason (one line), not with a traceback or with the layers silently left out."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    from memcontrol.audit.loading import load_any_adapter
+    from memcontrol.errors import MaskError
+
+    text = inject_adapter_in_model(LoraConfig(r=2, lora_alpha=2, target_modules=TEXT_TARGETS),
+                                   copy.deepcopy(tiny_pipe.text_encoder))
+    _randomize(text, 7)
+    StableDiffusionPipeline.save_lora_weights(str(tmp_path / "te"),
+                                              text_encoder_lora_layers=get_peft_model_state_dict(text))
+    pipe = copy.deepcopy(tiny_pipe)
+    ids = pipe.tokenizer(["a lung"], padding="max_length", max_length=8, return_tensors="pt").input_ids
+    with torch.no_grad():
+        before = pipe.text_encoder(ids)[0]
+        try:
+            assert load_any_adapter(pipe, tmp_path / "te") == "lora"
+        except MaskError as err:
+            assert "text-encoder layers" in str(err) and "peft" in str(err) and "\n" not in str(err)
+            return
+        assert not torch.allclose(before, pipe.text_encoder(ids)[0], atol=1e-4)

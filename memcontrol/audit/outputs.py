@@ -103,7 +103,8 @@ def _write_csv(folder: Path, name: str, columns: dict) -> None:
 def _write_report(run, metrics: dict) -> None:
     r = HtmlReport("Memorization audit")
     inputs = metrics["inputs"]
-    r.add_text(f"Model: {inputs['model']}" + (f" with adapter {inputs['adapter']} ({inputs['adapter_kind']})" if inputs["adapter"] else "")
+    adapter = f" with adapter {inputs['adapter']} ({inputs['adapter_kind']})" if inputs["adapter"] else ""
+    r.add_text(f"Model: {inputs['model']}" + adapter
                + f". {metrics['counts']['prompts']} prompts, {metrics['counts']['samples']} generated samples, "
                f"{metrics['counts']['training_images']} training images, "
                f"{metrics['counts']['heldout_images']} held-out images. Created {metrics['created']}.")

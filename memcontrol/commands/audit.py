@@ -1,10 +1,12 @@
 """`memcontrol audit`: measure how much of its training data a checkpoint reproduces, and write a report.
 
-    memcontrol audit --model DIR|FILE [--model-config DIR] [--adapter PATH] [--manifest TRAIN] [--heldout MANIFEST] [--prompts FILE]
-                     [--config audit.yaml] --out DIR
+    memcontrol audit --model DIR|FILE [--model-config DIR] [--adapter PATH] [--manifest TRAIN]
+                     [--heldout MANIFEST] [--prompts FILE] [--config audit.yaml] --out DIR
 
-Without --manifest only the checks that need no training data run (the noise norm); the others are listed as
-skipped, with the reason, in metrics.json and in the report.
+--adapter takes what the ecosystem writes (see ``memcontrol.audit.loading.ADAPTER_KINDS``). Without --manifest
+only the checks that need no training data run (the noise norm); the others are listed as skipped, with the
+reason, in metrics.json and in the report. The work is ``memcontrol.api.audit``; this module prints what it
+returns.
 """
 
 from __future__ import annotations
