@@ -8,6 +8,7 @@ down block) with small widths, so that every mask site of SD 1.5 exists in it an
 from __future__ import annotations
 
 import logging
+import pickle
 from pathlib import Path
 
 import torch
@@ -82,7 +83,7 @@ def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: t
     from diffusers import StableDiffusionPipeline
 
     if Path(path).expanduser().is_file() and Path(path).suffix in SINGLE_FILE_SUFFIXES:
-        pipe = _load_single_file(Path(path).expanduser(), config, dtype, option)
+        pipe = _load_single_file(Path(path).expanduser(), config, dtype)
     else:
         folder = check_local_folder(path, option)
         pipe = StableDiffusionPipeline.from_pretrained(
@@ -92,10 +93,11 @@ def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: t
     return pipe.to(device)
 
 
-def _load_single_file(path: Path, config, dtype, option: str):
+def _load_single_file(path: Path, config, dtype):
     """diffusers' ``from_single_file`` kept offline: the configs (and tokenizer) come from the local folder
     ``config``, since guessing them would mean fetching them from the hub."""
     from diffusers import StableDiffusionPipeline
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
 
     if config is None:
         raise ConfigError(f"{path}: a single-file checkpoint needs the diffusers folder of its architecture to load "
@@ -107,11 +109,18 @@ def _load_single_file(path: Path, config, dtype, option: str):
         raise MissingWeightsError(f"'{MODEL_INDEX}' of a diffusers pipeline", folder / MODEL_INDEX,
                                   "--model-config (the diffusers folder describing the single-file checkpoint)")
     try:
+        # diffusers reads .ckpt/.pt with torch.load(weights_only=True), and safetensors as they are.
         return StableDiffusionPipeline.from_single_file(
             str(path), config=str(folder), local_files_only=True, safety_checker=None, feature_extractor=None,
             requires_safety_checker=False, dtype=dtype)
-    except (ValueError, KeyError, RuntimeError, OSError) as err:
-        # diffusers' loader uses torch.load(weights_only=True); a refused pickle surfaces here too.
+    except (pickle.UnpicklingError, ValueError, KeyError, RuntimeError, OSError, SingleFileComponentError) as err:
+        cause = err
+        while cause is not None and not isinstance(cause, pickle.UnpicklingError):
+            cause = cause.__cause__ or cause.__context__  # diffusers re-raises a refused pickle as an OSError
+        if cause is not None:
+            raise UnsafeCheckpointError(f"{path}: refused to load: the file needs to run code to unpickle "
+                                        f"({str(cause).splitlines()[0]}). Convert it to safetensors from a trusted "
+                                        "environment.") from None
         raise DataError(path, f"not a Stable Diffusion single-file checkpoint matching {folder} "
                               f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
 

@@ -301,3 +301,27 @@ def test_a_lora_with_text_encoder_layers_loads_or_says_why(tiny_pipe, tmp_path):
             assert "text-encoder layers" in str(err) and "peft" in str(err) and "\n" not in str(err)
             return
         assert not torch.allclose(before, pipe.text_encoder(ids)[0], atol=1e-4)
+
+
+class _RunsCode:
+    """What a malicious pickle holds: unpickling it would call os.mkdir."""
+
+    def __init__(self, target):
+        self.target = str(target)
+
+    def __reduce__(self):
+        import os
+
+        return os.mkdir, (self.target,)
+
+
+def test_a_pickled_single_file_that_would_run_code_is_refused(tiny_pipe_dir, tmp_path):
+    import pickle
+
+    from memcontrol.errors import UnsafeCheckpointError
+    from memcontrol.models import load_pipeline
+
+    (tmp_path / "model.ckpt").write_bytes(pickle.dumps({"state_dict": _RunsCode(tmp_path / "pwned")}))
+    with pytest.raises(UnsafeCheckpointError, match="model.ckpt: refused to load"):
+        load_pipeline(tmp_path / "model.ckpt", config=tiny_pipe_dir)
+    assert not (tmp_path / "pwned").exists()
