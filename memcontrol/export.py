@@ -176,43 +176,60 @@ def _free_adapter_name(unet) -> str:
     return name
 
 
-def _load_peft(unet, folder: Path, family: str) -> None:
-    from peft import LoHaConfig, LoKrConfig, OFTConfig, set_peft_model_state_dict
+def load_peft_adapter(module, folder: str | Path, option: str = "an export folder of memcontrol") -> str:
+    """Add the peft adapter saved in ``folder`` (``adapter_config.json`` + ``adapter_model.safetensors``, as
+    ``PeftModel.save_pretrained`` writes them; any peft type) to ``module`` (a UNet or a text encoder) in place;
+    returns the adapter's name on the module."""
+    from diffusers import ModelMixin
+    from peft import PeftConfig, inject_adapter_in_model, set_peft_model_state_dict
 
     from .weights import load_state_dict
 
+    folder = Path(folder)
     config_path = folder / PEFT_CONFIG_FILE
     if not config_path.is_file():
-        raise MissingWeightsError(f"{family} adapter config", config_path, "an export folder of memcontrol")
-    config_cls = {"loha": LoHaConfig, "lokr": LoKrConfig, "oft": OFTConfig}[family]
-    config = config_cls.from_pretrained(str(folder))
-    state = load_state_dict(folder / PEFT_WEIGHTS_FILE, f"{family} adapter weights", "an export folder")
-    state = {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in state.items()}
-    name = _free_adapter_name(unet)
+        raise MissingWeightsError("peft adapter config", config_path, option)
     try:
-        unet.add_adapter(config, adapter_name=name)
+        config = PeftConfig.from_pretrained(str(folder))
+    except (ValueError, TypeError, KeyError) as err:
+        raise MaskError(f"{config_path}: not a peft adapter config ({str(err).splitlines()[0]})") from None
+    weights = folder / PEFT_WEIGHTS_FILE
+    if not weights.is_file() and (folder / "adapter_model.bin").is_file():
+        weights = folder / "adapter_model.bin"  # older peft; read with torch.load(weights_only=True)
+    state = load_state_dict(weights, "peft adapter weights", option)
+    state = {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in state.items()}
+    name = _free_adapter_name(module)
+    try:
+        if isinstance(module, ModelMixin):
+            module.add_adapter(config, adapter_name=name)
+        else:
+            # peft directly: transformers' own add_adapter demands a newer peft than diffusers does.
+            inject_adapter_in_model(config, module, adapter_name=name)
     except ValueError as err:
-        raise MaskError(f"{folder}: the adapter does not fit this UNet ({str(err).splitlines()[0]})") from None
-    result = set_peft_model_state_dict(unet, state, adapter_name=name)
+        raise MaskError(f"{folder}: the adapter does not fit this model ({str(err).splitlines()[0]})") from None
+    result = set_peft_model_state_dict(module, state, adapter_name=name)
     if result.unexpected_keys:
         extra = ", ".join(result.unexpected_keys[:5])
-        raise MaskError(f"{folder}: adapter weights with no place in this UNet: {extra}")
+        raise MaskError(f"{folder}: adapter weights with no place in this model: {extra}")
     missing = [k for k in result.missing_keys if re.search(rf"\.{re.escape(name)}(\.|$)", k)]
     if missing:
         raise MaskError(f"{folder}: adapter weights missing for {', '.join(missing[:5])}")
-    unet.requires_grad_(False)
+    module.requires_grad_(False)
+    return name
 
 
-def _load_params(unet, folder: Path) -> None:
+def load_unet_params(unet, path: Path) -> None:
+    """Copy the tensors of a safetensors file of UNet state-dict entries (a subset) into ``unet``, after checking
+    every name and shape."""
     from .weights import load_state_dict
 
-    state = load_state_dict(folder / PARAMS_FILE, "fine-tuned parameters", "an export folder of memcontrol")
+    state = load_state_dict(path, "fine-tuned parameters", "an export folder of memcontrol")
     params = dict(unet.named_parameters())
     for name, value in state.items():
         if name not in params:
-            raise MaskError(f"{folder / PARAMS_FILE}: parameter '{name}' does not exist in this UNet")
+            raise MaskError(f"{path}: parameter '{name}' does not exist in this UNet")
         if params[name].shape != value.shape:
-            raise MaskError(f"{folder / PARAMS_FILE}: parameter '{name}' has shape {tuple(value.shape)}, the UNet's "
+            raise MaskError(f"{path}: parameter '{name}' has shape {tuple(value.shape)}, the UNet's "
                             f"has {tuple(params[name].shape)}: another model size")
     with torch.no_grad():
         for name, value in state.items():
@@ -229,7 +246,7 @@ def load_adapter(pipe, folder: str | Path):
             raise MissingWeightsError("LoRA weights", folder / LORA_FILE, "an export folder of memcontrol")
         pipe.load_lora_weights(str(folder), weight_name=LORA_FILE)
     elif mask.family in PEFT_FAMILIES:
-        _load_peft(pipe.unet, folder, mask.family)
+        load_peft_adapter(pipe.unet, folder)
     else:
-        _load_params(pipe.unet, folder)
+        load_unet_params(pipe.unet, folder / PARAMS_FILE)
     return pipe

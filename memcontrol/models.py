@@ -8,11 +8,12 @@ down block) with small widths, so that every mask site of SD 1.5 exists in it an
 from __future__ import annotations
 
 import logging
+import pickle
 from pathlib import Path
 
 import torch
 
-from .errors import MissingWeightsError, UnsafeCheckpointError
+from .errors import ConfigError, DataError, MissingWeightsError, UnsafeCheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -71,17 +72,57 @@ def check_local_folder(path: str | Path, option: str = "--model") -> Path:
     return p
 
 
+SINGLE_FILE_SUFFIXES = {".safetensors", ".ckpt", ".pt", ".pth", ".bin"}
+
+
 def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                  option: str = "--model"):
-    """A ``StableDiffusionPipeline`` from a local folder, safety checker off, weights from safetensors only."""
+                  option: str = "--model", config: str | Path | None = None):
+    """A ``StableDiffusionPipeline`` from a local folder, safety checker off, weights from safetensors only; or
+    from a single-file checkpoint in the original layout (``.safetensors``, or ``.ckpt``/``.pt`` read with
+    ``weights_only``), whose architecture ``config`` (a local diffusers pipeline folder) describes."""
     from diffusers import StableDiffusionPipeline
 
-    folder = check_local_folder(path, option)
-    pipe = StableDiffusionPipeline.from_pretrained(
-        str(folder), local_files_only=True, use_safetensors=True, safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False, dtype=dtype)
+    if Path(path).expanduser().is_file() and Path(path).suffix in SINGLE_FILE_SUFFIXES:
+        pipe = _load_single_file(Path(path).expanduser(), config, dtype)
+    else:
+        folder = check_local_folder(path, option)
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(folder), local_files_only=True, use_safetensors=True, safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def _load_single_file(path: Path, config, dtype):
+    """diffusers' ``from_single_file`` kept offline: the configs (and tokenizer) come from the local folder
+    ``config``, since guessing them would mean fetching them from the hub."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+
+    if config is None:
+        raise ConfigError(f"{path}: a single-file checkpoint needs the diffusers folder of its architecture to load "
+                          "without downloading: pass --model-config DIR, a local diffusers pipeline of the same "
+                          "model family (e.g. the base model it was fine-tuned from; only its configs and tokenizer "
+                          "are read)")
+    folder = Path(config).expanduser()
+    if not (folder / MODEL_INDEX).is_file():
+        raise MissingWeightsError(f"'{MODEL_INDEX}' of a diffusers pipeline", folder / MODEL_INDEX,
+                                  "--model-config (the diffusers folder describing the single-file checkpoint)")
+    try:
+        # diffusers reads .ckpt/.pt with torch.load(weights_only=True), and safetensors as they are.
+        return StableDiffusionPipeline.from_single_file(
+            str(path), config=str(folder), local_files_only=True, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False, dtype=dtype)
+    except (pickle.UnpicklingError, ValueError, KeyError, RuntimeError, OSError, SingleFileComponentError) as err:
+        cause = err
+        while cause is not None and not isinstance(cause, pickle.UnpicklingError):
+            cause = cause.__cause__ or cause.__context__  # diffusers re-raises a refused pickle as an OSError
+        if cause is not None:
+            raise UnsafeCheckpointError(f"{path}: refused to load: the file needs to run code to unpickle "
+                                        f"({str(cause).splitlines()[0]}). Convert it to safetensors from a trusted "
+                                        "environment.") from None
+        raise DataError(path, f"not a Stable Diffusion single-file checkpoint matching {folder} "
+                              f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
 
 
 def sd15_unet_meta():

@@ -1,6 +1,7 @@
 """The audit job: how much of its training data does a checkpoint reproduce?
 
-``run_audit`` loads a local diffusers pipeline (optionally with an adapter), generates seeded samples for the training
+``run_audit`` loads a local diffusers pipeline or single-file checkpoint (optionally with an adapter of any
+kind that the ecosystem writes: see ``loading.ADAPTER_KINDS``), generates seeded samples for the training
 prompts (or for given prompts), runs the configured checks and writes one folder:
 
   metrics.json   every number, with a ``schema_version`` (see ``outputs.SCHEMA``)
@@ -45,8 +46,10 @@ def audit_settings(config=None, overrides: dict | None = None):
 
 
 def run_audit(model, out_dir, manifest=None, heldout=None, prompts=None, adapter=None, config=None,
-              overrides: dict | None = None) -> dict:
-    """Audit a checkpoint and write the output folder; returns what metrics.json holds."""
+              overrides: dict | None = None, model_config=None) -> dict:
+    """Audit a checkpoint and write the output folder; returns what metrics.json holds. ``model``: a diffusers
+    folder, or a single-file checkpoint with ``model_config`` (a diffusers folder of its architecture);
+    ``adapter``: any kind in ``loading.ADAPTER_KINDS``."""
     import torch
 
     from ..config.devices import resolve_device, torch_dtype
@@ -62,7 +65,7 @@ def run_audit(model, out_dir, manifest=None, heldout=None, prompts=None, adapter
         raise ConfigError("nothing to audit: give the training manifest (--manifest) or a prompts file (--prompts)")
     out = claim_out_dir(out_dir, "audit")
     torch.manual_seed(settings.seed)
-    pipe = load_model(model, adapter, resolve_device(settings.device), torch_dtype(settings.dtype))
+    pipe, kind = load_model(model, adapter, resolve_device(settings.device), torch_dtype(settings.dtype), model_config)
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
     size = min(native, settings.analysis_resolution or native)
     salt = run_salt(out)
@@ -70,7 +73,8 @@ def run_audit(model, out_dir, manifest=None, heldout=None, prompts=None, adapter
     held = load_image_set(heldout, size, settings.on_error, "held-out images", salt) if heldout else None
     prompt_list = read_prompts(prompts) if prompts else train.captions
     chosen = choose_prompts(prompt_list, settings.max_prompts, settings.seed)
-    inputs = {"model": str(model), "adapter": str(adapter) if adapter else None,
+    inputs = {"model": str(model), "model_config": str(model_config) if model_config else None,
+              "adapter": str(adapter) if adapter else None, "adapter_kind": kind,
               "manifest": str(manifest) if manifest else None, "heldout": str(heldout) if heldout else None,
               "prompts": str(prompts) if prompts else None}
     run = AuditRun(settings, out, pipe, chosen, train, held, inputs, size, Path(settings.cache_dir or out / "cache"))
@@ -80,3 +84,8 @@ def run_audit(model, out_dir, manifest=None, heldout=None, prompts=None, adapter
     generate(run)
     run_checks(run)
     return write_outputs(run)
+
+
+from ..api import audit, callable_package  # noqa: E402  (the functions above must exist first)
+
+callable_package(__name__, audit)  # memcontrol.audit(model, out=...) runs an audit (memcontrol.api)

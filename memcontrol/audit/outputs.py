@@ -24,7 +24,7 @@ SCHEMA = {
     "schema_version": "int: 1",
     "tool": "'memcontrol audit' and the package version",
     "created": "UTC time, ISO 8601",
-    "inputs": "model, adapter, manifest, heldout, prompts file (paths as given)",
+    "inputs": "model, model_config, adapter, adapter_kind, manifest, heldout, prompts file (paths as given)",
     "config": "the audit settings in effect (defaults merged with the config file)",
     "counts": "prompts, samples, training_images, heldout_images",
     "summary": "headline numbers: copy fraction and mean similarity per feature space, distance-ratio and "
@@ -103,7 +103,8 @@ def _write_csv(folder: Path, name: str, columns: dict) -> None:
 def _write_report(run, metrics: dict) -> None:
     r = HtmlReport("Memorization audit")
     inputs = metrics["inputs"]
-    r.add_text(f"Model: {inputs['model']}" + (f" with adapter {inputs['adapter']}" if inputs["adapter"] else "")
+    adapter = f" with adapter {inputs['adapter']} ({inputs['adapter_kind']})" if inputs["adapter"] else ""
+    r.add_text(f"Model: {inputs['model']}" + adapter
                + f". {metrics['counts']['prompts']} prompts, {metrics['counts']['samples']} generated samples, "
                f"{metrics['counts']['training_images']} training images, "
                f"{metrics['counts']['heldout_images']} held-out images. Created {metrics['created']}.")

@@ -1,10 +1,12 @@
 """`memcontrol audit`: measure how much of its training data a checkpoint reproduces, and write a report.
 
-    memcontrol audit --model DIR [--adapter DIR] [--manifest TRAIN] [--heldout MANIFEST] [--prompts FILE]
-                     [--config audit.yaml] --out DIR
+    memcontrol audit --model DIR|FILE [--model-config DIR] [--adapter PATH] [--manifest TRAIN]
+                     [--heldout MANIFEST] [--prompts FILE] [--config audit.yaml] --out DIR
 
-Without --manifest only the checks that need no training data run (the noise norm); the others are listed as
-skipped, with the reason, in metrics.json and in the report.
+--adapter takes what the ecosystem writes (see ``memcontrol.audit.loading.ADAPTER_KINDS``). Without --manifest
+only the checks that need no training data run (the noise norm); the others are listed as skipped, with the
+reason, in metrics.json and in the report. The work is ``memcontrol.api.audit``; this module prints what it
+returns.
 """
 
 from __future__ import annotations
@@ -13,9 +15,15 @@ from pathlib import Path
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", type=Path, required=True, help="local diffusers pipeline folder")
+    parser.add_argument("--model", type=Path, required=True,
+                        help="local diffusers pipeline folder (a base or a fully fine-tuned model), or a single-file "
+                             "checkpoint (.safetensors/.ckpt) with --model-config")
+    parser.add_argument("--model-config", type=Path, default=None,
+                        help="for a single-file --model: a local diffusers pipeline folder of the same architecture "
+                             "(its configs and tokenizer are read; nothing is downloaded)")
     parser.add_argument("--adapter", type=Path, default=None,
-                        help="adapter folder exported by memcontrol (or a diffusers LoRA folder) to load on the model")
+                        help="adapter to apply to the model: a LoRA folder or file (diffusers or kohya format), a "
+                             "peft adapter folder, or an export folder of memcontrol")
     parser.add_argument("--manifest", type=Path, default=None,
                         help="training manifest (CSV/JSONL or image folder): enables copy detection, distance ratio, "
                              "tiled L2 and extraction; its captions are the prompts unless --prompts is given")
@@ -31,11 +39,11 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from ..audit import run_audit
+    from ..api import audit
 
     overrides = {k: v for k, v in (("device", args.device), ("seed", args.seed)) if v is not None}
-    metrics = run_audit(args.model, args.out, manifest=args.manifest, heldout=args.heldout, prompts=args.prompts,
-                        adapter=args.adapter, config=args.config, overrides=overrides)
+    metrics = audit(args.model, out=args.out, manifest=args.manifest, heldout=args.heldout, prompts=args.prompts,
+                    adapter=args.adapter, model_config=args.model_config, config=args.config, **overrides).metrics
     print(f"audit: {metrics['counts']['prompts']} prompts, {metrics['counts']['samples']} samples")
     for name, value in metrics["summary"].items():
         shown = "n/a" if value is None else f"{value:.4g}"

@@ -2,7 +2,7 @@
 
 Searches which UNet parameters a fine-tune may touch so that the model memorizes least for the quality it keeps
 (MemControl). Re-running the same command resumes; the same command on several machines with one ``--storage``
-URL shares the study.
+URL shares the study. The work is ``memcontrol.api.search``; this module prints what it returns.
 """
 
 from __future__ import annotations
@@ -27,30 +27,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    from ..api import search
     from ..errors import MemcontrolError
-    from ..search.run import run_search
-    from ..search.settings import load_settings
 
-    settings = load_settings(args.config, args.out, storage=args.storage, n_trials=args.n_trials,
-                             timeout=args.timeout, workers=args.workers)
-    outputs = run_search(settings)
-    counts = outputs.results.counts()
-    print(f"trials: {', '.join(f'{n} {state}' for state, n in sorted(counts.items())) or 'none'} "
-          f"(budget {settings.n_trials})")
-    print(outputs.table)
-    if outputs.results.selection is not None:
-        selection = outputs.results.selection
+    result = search(args.config, args.out, storage=args.storage, n_trials=args.n_trials, timeout=args.timeout,
+                    workers=args.workers, check=False)
+    print(f"trials: {', '.join(f'{n} {state}' for state, n in sorted(result.counts.items())) or 'none'} "
+          f"(budget {result.budget})")
+    print(result.table)
+    selection = result.selection
+    if selection is not None:
         print(f"selection: {selection.explanation}" if selection.do_not_finetune else
-              f"chosen: {outputs.results.chosen.label}: {selection.explanation}")
+              f"chosen: {result.chosen.label}: {selection.explanation}")
     else:
         print("no trial finished with both metrics within the limits: nothing to export")
-    if outputs.best is not None:
-        print(f"{'no adapter (see README.txt)' if selection.do_not_finetune else 'exported adapter'}: {outputs.best}")
-    print(f"report: {outputs.report}")
-    if outputs.stopped_workers:
-        raise MemcontrolError(f"{', '.join(outputs.stopped_workers)} stopped with an error (see above); the study "
-                              "is incomplete")
-    if not counts.get("complete"):
-        first = outputs.results.first_failure()
-        raise MemcontrolError("no trial completed" + (f"; the first failure, {first}" if first else ""))
+    if result.best is not None:
+        print(f"{'no adapter (see README.txt)' if selection.do_not_finetune else 'exported adapter'}: {result.best}")
+    print(f"report: {result.report}")
+    if result.problem:
+        raise MemcontrolError(result.problem)
     return 0

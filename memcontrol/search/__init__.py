@@ -8,3 +8,7 @@ candidate), ``followups`` (the chosen candidate re-evaluated on fresh seeds; con
 ``report_html`` (CSV, plots, HTML), ``run`` (the ``memcontrol search`` command from start to end). Nothing heavy is
 imported here.
 """
+
+from ..api import callable_package, search
+
+callable_package(__name__, search)  # memcontrol.search(config, out=...) runs the search (memcontrol.api)
