@@ -62,6 +62,14 @@ def build_context(settings: SearchSettings, device: str, progress: bool = True) 
     salt = run_salt(settings.out_dir)  # keys that come from file names are pseudonymised with the run's salt
     train_set = load_source(data["train"], data["resolution"], data["max_train"], salt=salt)
     heldout = load_source(data["heldout"], data["resolution"], salt=salt)
+    if settings.data_audit["deduplicate"]:
+        from ..data.duplicates import audit_datasets, deduplicate
+        from ..data.dataset import subset
+
+        audit = settings.data_audit
+        found = audit_datasets(train_set, heldout, audit["features"], audit["threshold"], audit["shared_patients"],
+                               data["cache_dir"], progress=False)
+        train_set = subset(train_set, deduplicate(found))
     cached = cache_training_data(pipe, train_set, Path(data["cache_dir"]), progress=progress)
     captions = list(train_set.captions)
     sample_prompts = spread(captions, settings.sampling["prompts"])
