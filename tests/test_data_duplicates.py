@@ -175,3 +175,18 @@ def test_on_duplicates_error_stops_finetune_before_training(tmp_path, capsys):
     err = capsys.readouterr().err
     # Refused on the data, before the (missing) model was even looked for.
     assert f"{result.duplicate_pairs} near-duplicate" in err and "on_duplicates is 'error'" in err
+
+
+def test_a_job_trains_on_one_record_per_group_when_asked(private_sets, capsys):
+    from memcontrol.config import read_config
+    from memcontrol.data.duplicates import audit_job_data
+
+    train, heldout = private_sets
+    audit = read_config({"data_audit": {"deduplicate": True}}).data_audit.model_dump()
+    kept, result = audit_job_data(train, heldout, audit, "finetune")
+    printed = capsys.readouterr().out
+    assert f"warning: finetune: the training data holds {result.duplicate_pairs} near-duplicate" in printed
+    assert len(kept) == PRIVATE["patients"] and sorted(set(kept.keys)) == sorted(set(train.keys))
+    assert [kept[i]["key"] for i in range(len(kept))] == kept.keys  # the subset's items are the kept records
+    with pytest.raises(ConfigError, match="threshold is needed"):
+        read_config({"data_audit": {"features": {"type": "metric_net", "path": "x"}}})

@@ -46,7 +46,8 @@ def copy_pairs_png(settings: SearchSettings, folder: Path) -> Path | None:
     from PIL import Image
 
     from ..report import pairs_figure, save_figure
-    from ..data import load_source, run_salt
+    from ..data import run_salt
+    from .context import search_data
 
     path = folder / "neighbours.json"
     if not path.is_file():
@@ -54,8 +55,7 @@ def copy_pairs_png(settings: SearchSettings, folder: Path) -> Path | None:
     neighbours = json.loads(path.read_text())
     order = sorted(range(len(neighbours)), key=lambda i: -neighbours[i]["similarity"])[:MAX_PAIRS]
     try:
-        train = load_source(settings.data["train"], settings.data["resolution"], settings.data["max_train"],
-                            salt=run_salt(settings.out_dir))
+        train, _ = search_data(settings, run_salt(settings.out_dir))
     except Exception as err:  # noqa: BLE001 - the report is still useful without these pictures
         log.warning("copy pairs left out of the report: the training data cannot be read (%s)", err)
         return None
