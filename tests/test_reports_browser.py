@@ -55,7 +55,8 @@ def test_search_report_renders_with_its_chosen_candidate_and_front(chromium, tmp
     assert main(["search", "--config", str(write_config(tmp_path / "s.yaml", cfg)), "--out", str(out)]) == 0
     seen = _render(chromium, out / "report.html")
     assert seen["errors"] == []
-    assert {"Chosen candidate", "Pareto front", "Search against the baselines", "All trials"} <= set(seen["headings"])
+    assert {"Chosen candidate", "Pareto front", "Search against the baselines", "All trials",
+            "Training-data audit"} <= set(seen["headings"])  # the tiny cohort repeats one patient
     assert "★" in seen["text"]  # the chosen row is marked in the tables
     front = [i for i in seen["images"] if i["alt"].startswith("Pareto front")]
     assert len(front) == 1 and all(i["ok"] for i in seen["images"]), seen["images"]

@@ -2,7 +2,7 @@
 fine-tuning.
 
 Duplicated training images are the ones diffusion models copy (Carlini et al. 2023; Somepalli et al. 2023), and a
-held-out image that is also in the training set makes every held-out figure optimistic. Three kinds of finding:
+held-out image that is also in the training set makes every held-out figure optimistic. The findings:
 
 * ``near_duplicate``: two training images whose similarity reaches ``threshold`` (the same film re-exported at
   another bit depth, window or crop);
