@@ -3,8 +3,9 @@ fine-tuning (``memcontrol.data.duplicates``).
 
 Writes ``pairs.csv`` (every finding: kind, pseudonymised keys and manifest lines of both records, similarity),
 ``groups.csv`` (the duplicate groups, and which record ``deduplicate`` keeps), ``pairs.png`` (the image pairs side
-by side) and ``report.html``. Exit status 0 when the data is clean, 3 when it holds near-duplicate, same-patient or
-leaking pairs (repeated captions alone are listed, not counted: templated reports repeat), 1 on an error.
+by side), ``report.html`` and, with ``--on-error skip``, ``skipped.csv``. Exit status 0 when the data is clean, 3
+when it holds near-duplicate, same-patient or leaking pairs (repeated captions alone are listed, not counted:
+templated reports repeat), 1 on an error.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def _features(text: str) -> dict:
 
 
 def run(args) -> int:
-    from ..data import load_source, run_salt
+    from ..data import load_source, run_salt, write_skipped
     from ..data.duplicates import audit_datasets, threshold_for
     from ..data.duplicates_report import write_outputs
     from ..runs import claim_out_dir
@@ -69,6 +70,9 @@ def run(args) -> int:
     heldout = load_source({"source": args.heldout, **spec}, args.resolution, salt=salt) if args.heldout else None
     result = audit_datasets(train, heldout, features, threshold, args.shared_patients, out / "cache")
     files = write_outputs(out, result, train, heldout)
+    skipped = train.skipped + (heldout.skipped if heldout is not None else [])
+    if skipped:
+        files.append(write_skipped(out, skipped).name)  # named by pseudonym and manifest line, as jobs do
     print(f"audit-data: {result.summary()}")
     print(f"audit-data: wrote {', '.join(str(out / f) for f in files)}")
     return FOUND if result.duplicate_pairs + result.leaks else 0
