@@ -121,6 +121,7 @@ def finetune(config, out, *, mask=None, allow_partial: bool = False) -> Finetune
     from .config import read_config
     from .config.devices import resolve_device, torch_dtype
     from .data import load_source, run_salt
+    from .data.duplicates import audit_job_data
     from .errors import ConfigError, MemcontrolError
     from .export import METRICS_FILE, export_adapter, is_exported
     from .masks import load_mask
@@ -142,12 +143,20 @@ def finetune(config, out, *, mask=None, allow_partial: bool = False) -> Finetune
     if is_exported(out):
         raise MemcontrolError(f"{out} already holds a finished fine-tune ({out / METRICS_FILE}); choose another "
                               "--out or remove that folder")
-    pipe = load_pipeline(job.model.path, device=resolve_device(job.model.device), dtype=torch_dtype(job.model.dtype),
-                         option="model.path")
-    dataset = load_source(job.data.train.model_dump(), job.data.resolution, job.data.max_train, salt=run_salt(out))
+    salt = run_salt(out)
+    dataset = load_source(job.data.train.model_dump(), job.data.resolution, job.data.max_train, salt=salt)
     skipped = getattr(dataset, "skipped", [])
     if skipped:
         log.warning("%d training item(s) skipped (first: %s: %s)", len(skipped), *skipped[0])
+    # The training data are audited before the model is loaded, so that `data_audit.on_duplicates: error` stops the
+    # job before any work.
+    heldout = None
+    if job.data.heldout is not None and (job.data_audit.on_duplicates != "ignore" or job.data_audit.deduplicate):
+        heldout = load_source(job.data.heldout.model_dump(), job.data.resolution, salt=salt)
+    dataset, _ = audit_job_data(dataset, heldout, job.data_audit.model_dump(), "finetune",
+                                job.data.cache_dir or out / "cache")
+    pipe = load_pipeline(job.model.path, device=resolve_device(job.model.device), dtype=torch_dtype(job.model.dtype),
+                         option="model.path")
     cached = cache_training_data(pipe, dataset, Path(job.data.cache_dir or out / "cache"))
     log.info("finetune: %d training items; mask %s", len(cached), mask.describe())
     result = train(pipe, mask, cached, job.train, allow_partial=allow_partial)

@@ -16,6 +16,8 @@ from .errors import MemcontrolError
 COMMANDS = {
     "make-phantoms": ("make_phantoms", "write a synthetic chest-radiograph cohort as DICOM files with a manifest"),
     "inspect-data": ("inspect_data", "check that images, DICOM files and manifests load"),
+    "audit-data": ("audit_data", "find near-duplicate training images, leaks into the held-out set and repeated "
+                                 "captions"),
     "finetune": ("finetune", "fine-tune a model with a given mask and export the adapter"),
     "audit": ("audit", "measure memorization of a checkpoint and write a report"),
     "search": ("search", "search the parameter subset that limits memorization (MemControl)"),

@@ -147,8 +147,10 @@ def to_display(image) -> np.ndarray:
     return np.transpose(arr[:3], (1, 2, 0))
 
 
-def pairs_figure(generated, nearest, labels: Sequence[str], columns: int = 4, max_pairs: int = 16):
-    """Generated images beside their nearest training image, each pair titled with its label (e.g. similarity)."""
+def pairs_figure(generated, nearest, labels: Sequence[str], columns: int = 4, max_pairs: int = 16,
+                 tags: tuple[str, str] = ("generated", "training")):
+    """Generated images beside their nearest training image (or any two image lists, named by ``tags``), each
+    pair titled with its label (e.g. similarity)."""
     import matplotlib.pyplot as plt
 
     n = min(len(generated), max_pairs)
@@ -158,7 +160,7 @@ def pairs_figure(generated, nearest, labels: Sequence[str], columns: int = 4, ma
         ax.axis("off")
     for i in range(n):
         r, c = divmod(i, columns)
-        for j, (img, tag) in enumerate(((generated[i], "generated"), (nearest[i], "training"))):
+        for j, (img, tag) in enumerate(((generated[i], tags[0]), (nearest[i], tags[1]))):
             ax = axes[r, 2 * c + j]
             pic = to_display(img)
             ax.imshow(pic, cmap="gray" if pic.ndim == 2 else None, vmin=0, vmax=1)

@@ -103,7 +103,7 @@ def test_an_audit_after_a_search_embeds_nothing_the_search_embedded(tmp_path, ti
     cfg["data"]["cache_dir"] = str(cache)
     assert main(["search", "--config", str(write_config(tmp_path / "s.yaml", cfg)), "--out",
                  str(tmp_path / "search")]) == 0
-    by_search = set(calls)
+    by_search, calls_in_search = set(calls), list(calls)
     calls.clear()
     files = sorted(p.name for p in cache.glob("features-*"))
     audit = {"audit": {"device": "cpu", "max_prompts": 3, "cache_dir": str(cache),
@@ -114,8 +114,11 @@ def test_an_audit_after_a_search_embeds_nothing_the_search_embedded(tmp_path, ti
     metrics = run_audit(tiny_pipe_dir, tmp_path / "audit", manifest=search_data["train"],
                         heldout=search_data["heldout"], config=audit)
     assert "quality" in metrics["checks"] and "copy_detection" in metrics["checks"]
-    # The search embedded the training set (memorization features) and the held-out set (quality features); the
-    # audit finds both in the cache and embeds only what is new to it.
-    assert {(name, n) for name, n in by_search if n > 3} == {("pixels16", 7), ("pixels4", 4)}
+    # The search embedded the training set (memorization features) and the held-out set (quality features), and
+    # its training-data audit (data_audit, on by default) both sets in its own pixel space, once; the audit finds
+    # the first two in the cache and embeds only what is new to it.
+    assert {(name, n) for name, n in by_search if n > 3} == {("pixels16", 7), ("pixels4", 4), ("pixels32", 7),
+                                                              ("pixels32", 4)}
+    assert sum(name == "pixels32" for name, _ in calls_in_search) == 2
     assert not set(calls) & by_search, calls
     assert set(files) <= {p.name for p in cache.glob("features-*")}

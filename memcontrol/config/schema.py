@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import Field, ValidationInfo, create_model, field_validator, model_validator
 
 from ..data.dataset import ON_ERROR
+from ..data.duplicates import ON_DUPLICATES
 from ..data.transforms import CROPS
 from ..errors import MemcontrolError
 from ..metrics.memorization import DEFAULT_DELTA, DEFAULT_TAU, RATIO_THRESHOLD
@@ -138,6 +139,24 @@ class DataSection(Section):
     resolution: int = Field(512, ge=8)
     max_train: Positive | None = None
     cache_dir: ConfigPath | None = None  # latents, text embeddings, features; default OUT/cache
+
+
+class DataAuditSection(Section):
+    """What ``search`` and ``finetune`` do about near-duplicate and same-patient training records and about training
+    images in the held-out set (``memcontrol.data.duplicates``; ``memcontrol audit-data`` lists them)."""
+
+    on_duplicates: Literal[ON_DUPLICATES] = "warn"   # warn: print the count; error: stop before training
+    deduplicate: bool = False                        # train on one record per duplicate group (leaks dropped)
+    features: Features = Field(default_factory=lambda: PixelFeatures(type="pixels"))
+    threshold: float | None = Field(None, ge=-1, le=1)  # None: the calibrated pixel threshold (pixels only)
+    shared_patients: bool = False  # train and held-out name patients with one pseudonym mapping: compare them
+
+    @model_validator(mode="after")
+    def _threshold(self):
+        if self.threshold is None and self.features.type != "pixels":
+            raise ValueError(f"threshold is needed for {self.features.type} features (only the pixel-space one "
+                             "is calibrated by memcontrol)")
+        return self
 
 
 class SpaceSection(Section):
@@ -374,6 +393,7 @@ class AuditSection(Section):
 class JobConfig(Section):
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection = Field(default_factory=DataSection)
+    data_audit: DataAuditSection = Field(default_factory=DataAuditSection)
     train: TrainConfig = Field(default_factory=TrainConfig)
     mask: ConfigPath | dict[str, Any] | None = None     # inline, or a mask.json path; --mask overrides it
     space: str | SpaceSection = "reference"  # a preset name, a YAML file with a space section, or the section

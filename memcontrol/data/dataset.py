@@ -90,11 +90,19 @@ def load_source(spec: dict, resolution: int, limit: int | None = None, salt: str
     kwargs = {k: v for k, v in spec.items() if k != "source" and v is not None}
     dataset = ImageCaptionDataset(spec["source"], resolution=resolution, salt=salt, **kwargs)
     if limit is not None and limit < len(dataset):
-        subset = torch.utils.data.Subset(dataset, range(limit))
-        subset.captions, subset.keys = dataset.captions[:limit], dataset.keys[:limit]
-        subset.skipped = dataset.skipped
-        return subset
+        return subset(dataset, range(limit))
     return dataset
+
+
+def subset(dataset, indices) -> torch.utils.data.Subset:
+    """Some items of a dataset from ``load_source`` (or of such a subset), with its captions, keys, entries and
+    record of skipped items."""
+    indices = list(indices)
+    part = torch.utils.data.Subset(dataset, indices)
+    part.entries = [dataset.entries[i] for i in indices]
+    part.captions, part.keys = [e.caption for e in part.entries], [e.key for e in part.entries]
+    part.skipped = dataset.skipped
+    return part
 
 
 def check_entry(entry: Entry, frame: int | None = None, require_caption: bool = True):

@@ -50,9 +50,27 @@ def preload() -> None:
     from .. import data, metrics, training  # noqa: F401
 
 
+def search_data(settings: SearchSettings, salt: str):
+    """The training and held-out sets of a search: the training set de-duplicated when
+    ``data_audit.deduplicate`` asks (the same records in every worker and in the report: the audit is
+    deterministic)."""
+    from ..data import load_source
+    from ..data.dataset import subset
+    from ..data.duplicates import audit_datasets, deduplicate
+
+    data, audit = settings.data, settings.data_audit
+    train_set = load_source(data["train"], data["resolution"], data["max_train"], salt=salt)
+    heldout = load_source(data["heldout"], data["resolution"], salt=salt)
+    if audit["deduplicate"]:
+        found = audit_datasets(train_set, heldout, audit["features"], audit["threshold"], audit["shared_patients"],
+                               data["cache_dir"], progress=False)
+        train_set = subset(train_set, deduplicate(found))
+    return train_set, heldout
+
+
 def build_context(settings: SearchSettings, device: str, progress: bool = True) -> SearchContext:
     from ..config.devices import torch_dtype
-    from ..data import load_source, run_salt
+    from ..data import run_salt
     from ..models import load_pipeline
     from ..training import cache_training_data
     from .objectives import build_references, probe_embeddings, probe_signal
@@ -61,8 +79,7 @@ def build_context(settings: SearchSettings, device: str, progress: bool = True) 
                          option="model.path")
     data = settings.data
     salt = run_salt(settings.out_dir)  # keys that come from file names are pseudonymised with the run's salt
-    train_set = load_source(data["train"], data["resolution"], data["max_train"], salt=salt)
-    heldout = load_source(data["heldout"], data["resolution"], salt=salt)
+    train_set, heldout = search_data(settings, salt)
     cached = cache_training_data(pipe, train_set, Path(data["cache_dir"]), progress=progress)
     captions = list(train_set.captions)
     sample_prompts = spread(captions, settings.sampling["prompts"])

@@ -76,7 +76,8 @@ def copy_pairs_png(settings: SearchSettings, folder: Path) -> Path | None:
     from PIL import Image
 
     from ..report import pairs_figure, save_figure
-    from ..data import load_source, run_salt
+    from ..data import run_salt
+    from .context import search_data
 
     path = folder / "neighbours.json"
     if not path.is_file():
@@ -84,8 +85,7 @@ def copy_pairs_png(settings: SearchSettings, folder: Path) -> Path | None:
     neighbours = json.loads(path.read_text())
     order = sorted(range(len(neighbours)), key=lambda i: -neighbours[i]["similarity"])[:MAX_PAIRS]
     try:
-        train = load_source(settings.data["train"], settings.data["resolution"], settings.data["max_train"],
-                            salt=run_salt(settings.out_dir))
+        train, _ = search_data(settings, run_salt(settings.out_dir))
     except Exception as err:  # noqa: BLE001 - the report is still useful without these pictures
         log.warning("copy pairs left out of the report: the training data cannot be read (%s)", err)
         return None
@@ -94,6 +94,28 @@ def copy_pairs_png(settings: SearchSettings, folder: Path) -> Path | None:
     nearest = [train[neighbours[i]["index"]]["pixel_values"] for i in order]
     labels = [f"{neighbours[i]['key']} sim {neighbours[i]['similarity']:.3f}" for i in order]
     return save_figure(pairs_figure(generated, nearest, labels, columns=min(4, len(order))), folder / "copy_pairs.png")
+
+
+def data_audit_section(rep, settings: SearchSettings) -> None:
+    """The training-data audit of the search's data as it was listed (before any de-duplication), with its pairs
+    figure (``data_audit_pairs.png``)."""
+    from ..data import load_source, run_salt
+    from ..data.duplicates import audit_datasets, records_of
+    from ..data.duplicates_report import pairs_png, report_section
+    from ..report import save_figure
+
+    data, audit, salt = settings.data, settings.data_audit, run_salt(settings.out_dir)
+    try:
+        train = load_source(data["train"], data["resolution"], data["max_train"], salt=salt)
+        heldout = load_source(data["heldout"], data["resolution"], salt=salt)
+    except Exception as err:  # noqa: BLE001 - the report is still useful without this section
+        log.warning("training-data audit left out of the report: the data cannot be read (%s)", err)
+        return
+    result = audit_datasets(train, heldout, audit["features"], audit["threshold"], audit["shared_patients"],
+                            data["cache_dir"], progress=False)
+    fig = pairs_png(result, train, heldout)
+    figure = save_figure(fig, settings.out_dir / "data_audit_pairs.png") if fig is not None else None
+    report_section(rep, result, figure, records_of(train, "train"))
 
 
 def write_report(settings: SearchSettings, results: Results, path: Path) -> Path:
@@ -162,6 +184,8 @@ def write_report(settings: SearchSettings, results: Results, path: Path) -> Path
             rep.add_heading("Closest training images of the chosen candidate's samples")
             rep.add_figure(pairs, "Each generated sample beside its nearest training image in the memorization "
                                   "feature space, most similar first.")
+    if settings.data_audit["on_duplicates"] != "ignore" or settings.data_audit["deduplicate"]:
+        data_audit_section(rep, settings)
     rep.add_heading("Samples")
     for r in [*([chosen] if chosen is not None else []), *results.followups, *results.baselines,
               *([results.base] if results.base is not None and not results.base.chosen else []),

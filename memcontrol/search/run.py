@@ -225,6 +225,20 @@ def finalize(settings: SearchSettings, stopped_workers: list[str] | None = None)
     return SearchOutputs(results, report, best, comparison_table(results, settings), stopped_workers or [])
 
 
+def check_training_data(settings: SearchSettings) -> None:
+    """The data audit's warning (or, with ``data_audit.on_duplicates: error``, its refusal) before any trial; the
+    workers de-duplicate on their own when asked (``build_context``)."""
+    from ..data import load_source, run_salt
+    from ..data.duplicates import audit_job_data
+
+    if settings.data_audit["on_duplicates"] == "ignore":
+        return
+    data, salt = settings.data, run_salt(settings.out_dir)
+    train = load_source(data["train"], data["resolution"], data["max_train"], salt=salt)
+    heldout = load_source(data["heldout"], data["resolution"], salt=salt)
+    audit_job_data(train, heldout, {**settings.data_audit, "deduplicate": False}, "search", data["cache_dir"])
+
+
 def run_search(settings: SearchSettings, progress: bool = True) -> SearchOutputs:
     from ..runs import claim_out_dir
 
@@ -233,6 +247,7 @@ def run_search(settings: SearchSettings, progress: bool = True) -> SearchOutputs
     claim_out_dir(settings.out_dir, "search", own=Path(url[len("journal:"):]) if url.startswith("journal:") else None)
     handler = log_to_file(settings.out_dir / LOG_FILE)
     try:
+        check_training_data(settings)
         prepare_studies(settings)
         stopped = []
         if work_left(settings):

@@ -33,6 +33,7 @@ class SearchSettings:
     export: dict
     constraints: list[Constraint] = field(default_factory=list)
     controls: dict = field(default_factory=lambda: {"enabled": False})
+    data_audit: dict = field(default_factory=lambda: {"on_duplicates": "ignore", "deduplicate": False})
 
     @property
     def n_trials(self) -> int:
@@ -71,8 +72,12 @@ class SearchSettings:
                 "baselines": how, "objectives": self.objectives, "sampling": self.sampling}
 
     def _data_identity(self) -> dict:
-        # Where the cache lives differs between machines sharing a study; what data it holds does not.
-        return {k: v for k, v in self.data.items() if k != "cache_dir"}
+        # Where the cache lives differs between machines sharing a study; what data it holds does not. Training on
+        # the de-duplicated set is other data; the key is absent otherwise, so that earlier studies still match.
+        data = {k: v for k, v in self.data.items() if k != "cache_dir"}
+        if self.data_audit["deduplicate"]:
+            data["deduplicate"] = {k: self.data_audit[k] for k in ("features", "threshold", "shared_patients")}
+        return data
 
 
 def load_settings(cfg, out_dir: str | Path, storage: str | None = None, n_trials: int | None = None,
@@ -107,4 +112,4 @@ def load_settings(cfg, out_dir: str | Path, storage: str | None = None, n_trials
         objectives=job.objectives.model_dump(), sampling=job.sampling.model_dump(),
         early_stop=job.early_stop.model_dump(), search=search, baselines=job.baselines.model_dump(),
         selection=job.selection.model_dump(), export=job.export.model_dump(), controls=job.controls.model_dump(),
-        constraints=parse_constraints(search["constraints"]))
+        constraints=parse_constraints(search["constraints"]), data_audit=job.data_audit.model_dump())
