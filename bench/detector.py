@@ -5,12 +5,14 @@
 
 Positives and negatives come from where copies arise: full fine-tuning of the shipped base model on the bundled
 private cohort with the quickstart's training settings (``--config``'s ``train`` section, at the full fine-tuning
-baseline's learning rate), one sample per private patient's report (``sampling`` settings: sampler, steps,
-guidance) at each of ``--checkpoints`` steps of each run (``--seeds``: training seed, also the sampling seed), at
-the last checkpoint also with each of ``--final-seeds``, and the un-tuned base model's samples (step 0). Every
-sample set is kept in ``--out`` (a rerun reads them back). Two planted sets stand beside them: each private
-patient's image through the model's VAE (encoded and decoded: what a model that reproduces its training image
-exactly draws) and ``--planted`` held-out patients through the VAE (faithful images of patients it never saw).
+baseline's learning rate), one sample per private patient's report (``sampling`` settings: sampler, steps, guidance)
+at each of ``--checkpoints`` steps of each run (``--seeds``: training seed, also the sampling seed), at the last
+checkpoint also with each of ``--final-seeds``, and the un-tuned base model's samples (step 0). Every sample set is
+kept in ``--out`` (a rerun reads them back), and so is each run's last UNet
+(``unet-run{seed}-step{last}.safetensors``, for ``bench/hospital_gap.py --unet``). Two planted sets stand beside
+them: each private patient's image through the model's VAE (encoded and decoded: what a model that reproduces its
+training image exactly draws) and ``--planted`` held-out patients through the VAE (faithful images of patients it
+never saw).
 
 The truth (``memcontrol.metrics.ground_truth``): a sample copies private patient q when its nearest image in pixels,
 among the private records and ``--others`` further patients of the private site rendered in memory, all passed
@@ -19,8 +21,10 @@ through the model's VAE (the image space the model draws in), is q's.
 The detectors (``--detectors``, embedder specs): the nearest private record in their features (cosine), a copy
 above tau; tau calibrated (``memcontrol.metrics.memorization.calibrate_tau``) at ``--fpr``, the share of
 ``--calibration`` further held-out patients of the private site (rendered, none of them among the truth's others)
-whose nearest private record lies above it. Printed: tau, precision and recall with Wilson 95% intervals per
-checkpoint and pooled, and the time the measurements add to one run.
+whose nearest private record lies above it. Printed: each generated sample set's true copy rate (all reports,
+the repeated patients' and the single-record patients' apart), tau, precision and recall with Wilson 95%
+intervals per sample set, pooled over the generated sets (the headline) and over the planted ones apart, and the
+time the measurements add to one run.
 """
 
 from __future__ import annotations
