@@ -5,12 +5,14 @@
 
 Positives and negatives come from where copies arise: full fine-tuning of the shipped base model on the bundled
 private cohort with the quickstart's training settings (``--config``'s ``train`` section, at the full fine-tuning
-baseline's learning rate), one sample per private patient's report (``sampling`` settings: sampler, steps,
-guidance) at each of ``--checkpoints`` steps of each run (``--seeds``: training seed, also the sampling seed), at
-the last checkpoint also with each of ``--final-seeds``, and the un-tuned base model's samples (step 0). Every
-sample set is kept in ``--out`` (a rerun reads them back). Two planted sets stand beside them: each private
-patient's image through the model's VAE (encoded and decoded: what a model that reproduces its training image
-exactly draws) and ``--planted`` held-out patients through the VAE (faithful images of patients it never saw).
+baseline's learning rate), one sample per private patient's report (``sampling`` settings: sampler, steps, guidance)
+at each of ``--checkpoints`` steps of each run (``--seeds``: training seed, also the sampling seed), at the last
+checkpoint also with each of ``--final-seeds``, and the un-tuned base model's samples (step 0). Every sample set is
+kept in ``--out`` (a rerun reads them back), and so is each run's last UNet
+(``unet-run{seed}-step{last}.safetensors``, for ``bench/hospital_gap.py --unet``). Two planted sets stand beside
+them: each private patient's image through the model's VAE (encoded and decoded: what a model that reproduces its
+training image exactly draws) and ``--planted`` held-out patients through the VAE (faithful images of patients it
+never saw).
 
 The truth (``memcontrol.metrics.ground_truth``): a sample copies private patient q when its nearest image in pixels,
 among the private records and ``--others`` further patients of the private site rendered in memory, all passed
@@ -19,8 +21,10 @@ through the model's VAE (the image space the model draws in), is q's.
 The detectors (``--detectors``, embedder specs): the nearest private record in their features (cosine), a copy
 above tau; tau calibrated (``memcontrol.metrics.memorization.calibrate_tau``) at ``--fpr``, the share of
 ``--calibration`` further held-out patients of the private site (rendered, none of them among the truth's others)
-whose nearest private record lies above it. Printed: tau, precision and recall with Wilson 95% intervals per
-checkpoint and pooled, and the time the measurements add to one run.
+whose nearest private record lies above it. Printed: each generated sample set's true copy rate (all reports,
+the repeated patients' and the single-record patients' apart), tau, precision and recall with Wilson 95%
+intervals per sample set, pooled over the generated sets (the headline) and over the planted ones apart, and the
+time the measurements add to one run.
 """
 
 from __future__ import annotations
@@ -104,6 +108,9 @@ def checkpoint_samples(settings, pipe, dataset, seeds, checkpoints, final_seeds,
             if step in checkpoints:
                 for s in sorted({seed} | (set(final_seeds) if step == checkpoints[-1] else set())):
                     take(seed, step, s, unet)
+            if step == checkpoints[-1]:  # bench/hospital_gap.py --unet measures its quality without retraining
+                save_file({k: v.contiguous() for k, v in unet.state_dict().items()},
+                          str(out / f"unet-run{seed}-step{step}.safetensors"))
             return None
 
         cfg = TrainConfig.from_dict({**settings.train, "lr": lr, "seed": seed, "steps": checkpoints[-1]})
@@ -183,7 +190,21 @@ def main(argv=None) -> int:
     print(f"\nprivate cohort: {len(keys)} records of {n_patients} patients; truth among {args.others} other patients "
           f"of the site (chance rate {chance_rate(n_patients, args.others):.2%}); {len(generated)} generated sample "
           f"sets of {n_patients} (one per patient's report), and two planted sets")
-    figures = {"samples": {k: len(v) for k, v in samples.items()}, "detectors": {}}
+    figures = {"samples": {k: len(v) for k, v in samples.items()}, "detectors": {}, "copy_rates": {}}
+    # How much each model copies, by the truth alone: a sample is a copy when its nearest image is a private
+    # patient's (any one); the repeated patients' reports and the single-record patients' reports apart.
+    prompt_keys = list(dict.fromkeys(keys))
+    repeated = [keys.count(k) > 1 for k in prompt_keys]
+    print("\n| sample set | true copies: all | repeated patients' reports | single-record patients' reports |")
+    print("|---|---|---|---|")
+    for label, found in truth.items():
+        if label.startswith("planted"):
+            continue
+        parts = {part: [t is not None for t, r in zip(found, repeated) if r in wanted]
+                 for part, wanted in (("all", (True, False)), ("repeated", (True,)), ("single", (False,)))}
+        rates = {part: wilson(sum(flags), len(flags)) for part, flags in parts.items()}
+        figures["copy_rates"][label] = {k: v for part, ci in rates.items() for k, v in ci.fields(part).items()}
+        print(f"| {label} | " + " | ".join(f"{sum(parts[p])}/{len(parts[p])}, {rates[p]}" for p in rates) + " |")
     for spec_text in args.detectors:
         spec = feature_spec(json.loads(spec_text), REPO)
         embedder = build_embedder(spec, pipe=pipe)
@@ -194,9 +215,10 @@ def main(argv=None) -> int:
         print(f"\n[{embedder.name}] tau {tau:.4f}: {int((held_sims > tau).sum())} of {len(held_sims)} held-out "
               f"patients above it (calibrated at false-positive rate {args.fpr:g}; "
               f"{calibrate_seconds:.1f} s for the training and calibration features)")
-        print("| sample set | samples | true copies | detected | right | precision (95% CI) | recall (95% CI) |")
+        print("| sample set | samples | true copies (rate, 95% CI) | detected | right | precision (95% CI) | "
+              "recall (95% CI) |")
         print("|---|---|---|---|---|---|---|")
-        pooled_truth, pooled_detected = [], []
+        pooled = {"generated": ([], []), "planted": ([], [])}
         embed_seconds = 0.0
         for label, images in samples.items():
             t0 = time.perf_counter()
@@ -204,21 +226,27 @@ def main(argv=None) -> int:
             embed_seconds += time.perf_counter() - t0
             detected = [k if c else None for k, c in zip(result["samples"]["nn_key"], result["samples"]["is_copy"])]
             pr = precision_recall(detected, truth[label])
+            pooled_detected, pooled_truth = pooled["planted" if label.startswith("planted") else "generated"]
             pooled_truth += truth[label]
             pooled_detected += detected
-            print(f"| {label} | {len(images)} | {pr['true_copies']} | {pr['detected']} | {pr['true_positives']} | "
+            print(f"| {label} | {len(images)} | {pr['true_copies']} ({wilson(pr['true_copies'], len(images))}) | "
+                  f"{pr['detected']} | {pr['true_positives']} | "
                   f"{wilson(pr['true_positives'], pr['detected'])} | "
                   f"{wilson(pr['true_positives'], pr['true_copies'])} |")
-        pr = precision_recall(pooled_detected, pooled_truth)
-        precision, recall = wilson(pr["true_positives"], pr["detected"]), wilson(pr["true_positives"],
-                                                                                pr["true_copies"])
-        print(f"pooled over {len(samples)} sample sets ({len(pooled_truth)} samples): {pr['true_copies']} true "
-              f"copies, {pr['detected']} detected, {pr['true_positives']} right; precision {precision}, "
-              f"recall {recall} (Wilson 95%)")
-        figures["detectors"][embedder.name] = {
-            "tau": tau, "fpr": args.fpr, "calibration_patients": len(held_sims), **pr,
-            "precision_ci": [precision.low, precision.high], "recall_ci": [recall.low, recall.high],
-            "seconds_per_run": embed_seconds / len(samples), "calibration_seconds": calibrate_seconds}
+        figures["detectors"][embedder.name] = {"tau": tau, "fpr": args.fpr, "calibration_patients": len(held_sims),
+                                               "seconds_per_run": embed_seconds / len(samples),
+                                               "calibration_seconds": calibrate_seconds}
+        # The headline pools the fine-tunes' own samples (and the base model's): copies that training made. The
+        # planted sets (images through the VAE) are reported apart, since they are not what a model draws.
+        for part, (pooled_detected, pooled_truth) in pooled.items():
+            pr = precision_recall(pooled_detected, pooled_truth)
+            precision, recall = wilson(pr["true_positives"], pr["detected"]), wilson(pr["true_positives"],
+                                                                                    pr["true_copies"])
+            print(f"pooled over the {part} sample sets ({len(pooled_truth)} samples): {pr['true_copies']} true "
+                  f"copies, {pr['detected']} detected, {pr['true_positives']} right; precision {precision}, "
+                  f"recall {recall} (Wilson 95%)")
+            figures["detectors"][embedder.name][part] = {
+                **pr, "precision_ci": [precision.low, precision.high], "recall_ci": [recall.low, recall.high]}
         print(f"time this detector adds to one run: {embed_seconds / len(samples):.2f} s to embed and match "
               f"a sample set; once per study: {calibrate_seconds:.1f} s to embed the private records and the "
               f"calibration patients")

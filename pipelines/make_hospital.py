@@ -2,7 +2,7 @@
 
     python pipelines/make_hospital.py            # rewrites data/hospital/ byte for byte
 
-private: 32 chest patients of the private site, 8 of them repeated with 4 records each (56 DICOM files; why, in
+private: 8 chest patients of the private site, 4 of them repeated with 8 records each (36 DICOM files; why, in
 memcontrol/data/cohorts.py); heldout: 64 further private-site patients (DICOM); brain_private / brain_heldout: 12
 and 48 brain MRI patients (PNG), for the mask-transfer job.
 """

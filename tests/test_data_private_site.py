@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 
 from memcontrol.data import describe_patient, make_phantoms, patient_seeds, read_dicom, render_phantoms
@@ -156,9 +157,17 @@ def test_shipped_cohorts_are_the_stated_ones_and_what_the_pipeline_writes(tmp_pa
 
     private = read_manifest(shipped / "private" / "manifest.csv")
     records = Counter(r["subject"] for r in private)
-    assert len(records) == PRIVATE["patients"] and len(private) == 56
+    stated = PRIVATE["patients"] + PRIVATE["duplicates"] * (PRIVATE["records"] - 1)
+    assert len(records) == PRIVATE["patients"] and len(private) == stated
     assert Counter(records.values()) == {1: PRIVATE["patients"] - PRIVATE["duplicates"],
                                          PRIVATE["records"]: PRIVATE["duplicates"]}
+    # The repeated records are planted as stated: the same image and report under other file names, numbered.
+    for subject, n in records.items():
+        rows = [r for r in private if r["subject"] == subject]
+        assert sorted(int(r["duplicate"]) for r in rows) == list(range(n)) and len({r["text"] for r in rows}) == 1
+        pixels = [pydicom.dcmread(shipped / "private" / r["file"]).pixel_array for r in rows]
+        assert all(np.array_equal(pixels[0], other) for other in pixels[1:]), subject
+        assert len({r["file"] for r in rows}) == n
     heldout = read_manifest(shipped / "heldout" / "manifest.csv")
     assert len(heldout) == HELDOUT_PATIENTS and {r["duplicate"] for r in heldout} == {"0"}
     assert all(r["text"].startswith(PRIVATE_VIEWS) and r["view"] == "AP" for r in private + heldout)

@@ -82,3 +82,15 @@ def test_quality_report_names_and_warns():
                          kid_subset_size=50)
     assert big["fd_name"] == "FID" and big["warnings"] == [] and big["preferred"] == "fd"
     assert distance_name("inception-torchvision") == "FD[inception-torchvision]"
+
+
+def test_a_metric_network_spec_is_named_by_its_network_as_its_embedder_names_itself():
+    from pathlib import Path
+
+    from memcontrol.metrics import build_embedder
+
+    folder = Path(__file__).resolve().parent.parent / "data" / "metric_nets" / "domain"
+    spec = {"type": "metric_net", "path": str(folder)}
+    assert distance_name(spec) == "FD[domain]" and distance_name(spec, "kid") == "KID[domain]"
+    assert distance_name(spec) == distance_name(build_embedder(spec).name)
+    assert distance_name({"type": "vae"}) == "FD[vae]"

@@ -27,13 +27,17 @@ from .transforms import to_model_tensor
 SEEDS = {"public_chest": 1000, "public_brain": 2000, "private": 7, "heldout": 8, "heldout_rendered": 9,
          "brain_private": 17, "brain_heldout": 18}
 
-# Memorization pressure of the private cohort. A quarter of its patients (8 of 32) are repeated, 4 records each:
-# they make 32 of its 56 records, so a fine-tune sees each of them 4 times as often as a single-record patient. Real
+# Memorization pressure of the private cohort: 8 patients, half of them (4) repeated with 8 records each, so they
+# make 32 of its 36 records and a fine-tune sees each of them 8 times as often as a single-record patient. Real
 # archives repeat studies (re-exports, follow-ups), and duplicated training images are the ones diffusion models are
 # found to copy (Carlini et al. 2023; Somepalli et al. 2023); the MemControl reference likewise repeats a
-# memorization subset. The factor is chosen so that full fine-tuning at the quickstart's settings copies the repeated
-# patients while the other 24 stay a set to learn the site from, not to replay.
-PRIVATE = {"patients": 32, "duplicates": 8, "records": 4}
+# memorization subset many times. Why these numbers: the quickstart's budget is fixed (500 steps at batch 8, 4,000
+# images seen), and at pixel level (memcontrol.metrics.ground_truth) its full fine-tune copied almost nothing when
+# that budget was spread over 32 patients (8 repeated 4 times: each repeated patient seen about 290 times) or 16 (8
+# repeated 8 times, about 440 times): 2 of 16 samples at step 500. Four repeated patients seen about 900 times each
+# are copied (README: the synthetic hospital, measured along the fine-tune), and the 4 single-record patients, seen
+# about 110 times, are the part of the cohort that is learnt from rather than replayed.
+PRIVATE = {"patients": 8, "duplicates": 4, "records": 8}
 HELDOUT_PATIENTS = 64  # on disk; more are rendered in memory (private_site_heldout)
 
 

@@ -11,7 +11,7 @@ passes every reference through the VAE first.
 
 - A sample that copies nobody but looks like a patient of the site lands on a private patient by chance with
   probability about ``chance_rate(n_private, n_others)`` = n_private / (n_private + n_others) (the patients are
-  exchangeable): the 32 patients of the bundled private cohort among 4,000 others, 0.8%.
+  exchangeable): 0.2% for the 8 patients of the bundled private cohort among 4,000 others.
 - L2 favours blur: the average of several patients is nearer to each of them than most real patients are; the
   thousands of others are what make such an average land on some other patient instead. How often it still lands
   on a private patient depends on the private set: for 12 public-site chest phantoms against 4,000 others,

@@ -20,6 +20,8 @@ points at KID, which has no such problem.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -80,9 +82,15 @@ def kid(f1, f2, subsets: int = 100, subset_size: int = 1000, seed: int = 0) -> t
     return float(np.mean(values)), float(np.std(values))
 
 
-def distance_name(feature_name: str, metric: str = "fd") -> str:
-    """How a quality distance is named, by its feature space: "FID" only for the Fréchet distance on the standard
-    Inception features, else "FD[features]"; "KID[features]"."""
+def distance_name(features: str | dict, metric: str = "fd") -> str:
+    """How a quality distance is named, by its feature space (an embedder's name, or its spec): "FID" only for the
+    Fréchet distance on the standard Inception features, else "FD[features]"; "KID[features]". A spec of one of
+    the hospital's metric networks is named by its folder ("FD[domain]"), as that embedder names itself."""
+    if isinstance(features, dict):
+        path = features.get("path")
+        feature_name = Path(path).name if features["type"] == "metric_net" and path else features["type"]
+    else:
+        feature_name = features
     if metric == "kid":
         return f"KID[{feature_name}]"
     return "FID" if feature_name == "inception" else f"FD[{feature_name}]"

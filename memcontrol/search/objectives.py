@@ -37,7 +37,7 @@ def quality_name(settings: SearchSettings) -> str:
     from ..metrics import distance_name
 
     q = settings.objectives["quality"]
-    return distance_name(q["features"]["type"], q["metric"])
+    return distance_name(q["features"], q["metric"])
 
 
 def build_references(settings: SearchSettings, pipe, train_set, heldout) -> References:
