@@ -119,7 +119,7 @@ def reference_style(settings, cands, refs, quality_prompts) -> tuple[float, list
 def _prompts(train, settings) -> list[str]:
     from memcontrol.search.context import spread
 
-    return spread(list(train.captions), settings.sampling["prompts"])
+    return spread(list(dict.fromkeys(train.captions)), settings.sampling["prompts"])
 
 
 def spearman(a: list[float], b: list[float]) -> float | None:

@@ -81,7 +81,9 @@ def build_context(settings: SearchSettings, device: str, progress: bool = True) 
     salt = run_salt(settings.out_dir)  # keys that come from file names are pseudonymised with the run's salt
     train_set, heldout = search_data(settings, salt)
     cached = cache_training_data(pipe, train_set, Path(data["cache_dir"]), progress=progress)
-    captions = list(train_set.captions)
+    # Each distinct training report counts once: spread over the records instead, a patient repeated k times would
+    # be sampled k times as often, and the copy rate would measure the repeated patients, not the training set.
+    captions = list(dict.fromkeys(train_set.captions))
     sample_prompts = spread(captions, settings.sampling["prompts"])
     quality_prompts = spread(list(heldout.captions), settings.sampling["quality_prompts"])
     references = build_references(settings, pipe, train_set, heldout)
