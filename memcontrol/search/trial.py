@@ -31,11 +31,12 @@ from .space import Candidate
 log = logging.getLogger(__name__)
 
 OK, STOPPED, FAILED, ERROR = "ok", "stopped", "failed", "error"
+SCREENED = "screened"  # multi-fidelity: trained at the short budget and scored by the cheap proxies only
 
 
 @dataclass
 class Outcome:
-    status: str                    # ok | stopped | failed | error
+    status: str                    # ok | stopped | failed | error | screened
     reason: str | None = None
     metrics: dict = field(default_factory=dict)    # scalar metrics; "memorization" and "quality" are the objectives
     compute: dict = field(default_factory=dict)    # steps, step_budget, *_seconds, early_stopped
@@ -100,14 +101,16 @@ def to_mask(candidate: Candidate, adaptable: set[str] | None = None):
 
 
 def evaluate_candidate(ctx: SearchContext, candidate: Candidate, folder: Path, early_stop: bool = True,
-                       keep_adapter: bool = True, progress: bool = False) -> Outcome:
-    """Train, sample and measure one candidate; results in ``folder`` and in the returned ``Outcome``."""
+                       keep_adapter: bool = True, progress: bool = False, screen: bool = False) -> Outcome:
+    """Train, sample and measure one candidate; results in ``folder`` and in the returned ``Outcome``. With
+    ``screen``, the multi-fidelity first rung instead: ``search.fidelity.min_steps`` steps, then the cheap proxies
+    (``memcontrol.search.fidelity.screen_scores``), no sampling; the status is then ``screened``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "candidate.json").write_text(json.dumps(candidate.to_dict(), indent=2) + "\n")
     start = time.perf_counter()
     try:
-        outcome = _evaluate(ctx, candidate, folder, early_stop, keep_adapter, progress)
+        outcome = _evaluate(ctx, candidate, folder, early_stop, keep_adapter, progress, screen)
     except Exception as err:  # noqa: BLE001 - every outcome is mapped here, once; the worker acts on the status
         reason = str(err) if isinstance(err, MemcontrolError) else f"{type(err).__name__}: {err}".strip()
         outcome = Outcome(classify(err), reason)
@@ -123,7 +126,7 @@ def evaluate_candidate(ctx: SearchContext, candidate: Candidate, folder: Path, e
     return outcome
 
 
-def _evaluate(ctx, candidate, folder, early_stop, keep_adapter, progress) -> Outcome:
+def _evaluate(ctx, candidate, folder, early_stop, keep_adapter, progress, screen) -> Outcome:
     from ..training import TrainConfig, finetune, pipeline_with_unet
     from .objectives import measure, sample
 
@@ -131,6 +134,9 @@ def _evaluate(ctx, candidate, folder, early_stop, keep_adapter, progress) -> Out
     mask = to_mask(candidate, ctx.adaptable_sites(candidate.family, candidate.granularity))
     mask.to_json(folder / "mask.json")
     cfg = TrainConfig.from_dict({**settings.train, **candidate.train})
+    if screen:
+        cfg = cfg.model_copy(update={"steps": min(cfg.steps, settings.search["fidelity"]["min_steps"])})
+        early_stop = False  # the probe noise norm at the end of the short run is the screen's own score
     stopper = NoiseNormStop(ctx) if early_stop and settings.early_stop["enabled"] else None
     # Adapter weights are initialised from torch's global generator when the mask is applied: seed it so that a
     # trial trained again (for export on another machine) gives the same adapter.
@@ -147,6 +153,10 @@ def _evaluate(ctx, candidate, folder, early_stop, keep_adapter, progress) -> Out
     if result.status != OK:
         out.status, out.reason = (STOPPED if result.status == STOPPED else FAILED), result.reason
         return out
+    if screen:
+        from .fidelity import screen_scores
+
+        return screen_scores(ctx, result.applied.unet, out)
 
     tuned = pipeline_with_unet(ctx.pipe, result.applied.unet)
     t0 = time.perf_counter()

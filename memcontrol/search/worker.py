@@ -21,11 +21,12 @@ from .baselines import BASELINE_ATTR, baseline_candidate
 from .context import SearchContext, build_context
 from .settings import SearchSettings
 from .space import SearchSpace, load_space
-from .trial import ERROR, FAILED, OK, STOPPED, Outcome, evaluate_candidate
+from .trial import ERROR, FAILED, OK, SCREENED, STOPPED, Outcome, evaluate_candidate
 
 log = logging.getLogger(__name__)
 
-STATES = {OK: TrialState.COMPLETE, STOPPED: TrialState.PRUNED, FAILED: TrialState.FAIL, ERROR: TrialState.FAIL}
+STATES = {OK: TrialState.COMPLETE, STOPPED: TrialState.PRUNED, FAILED: TrialState.FAIL, ERROR: TrialState.FAIL,
+          SCREENED: TrialState.PRUNED}
 
 
 class StudyStopped(MemcontrolError):
@@ -65,16 +66,17 @@ def record(trial: optuna.trial.Trial, candidate, outcome: Outcome, folder: Path,
         trial.set_user_attr("trainable_percent", outcome.trainable_percent)
     for key, value in {**outcome.metrics, **outcome.compute}.items():
         trial.set_user_attr(key, value)
-    if outcome.status not in (FAILED, ERROR):
+    if outcome.status not in (FAILED, ERROR, SCREENED):  # the screen's proxies are not the constrained metrics
         st.record_constraints(trial, settings.constraints, outcome.metrics)
 
 
 def run_trial(study: optuna.Study, trial: optuna.trial.Trial, ctx: SearchContext, candidate, folder: Path,
-              early_stop: bool, keep_adapter: bool) -> Outcome:
+              early_stop: bool, keep_adapter: bool, screen: bool = False) -> Outcome:
     settings = ctx.settings
     with st.Heartbeat(study, trial, settings.search["heartbeat_s"]):
         try:
-            outcome = evaluate_candidate(ctx, candidate, folder, early_stop=early_stop, keep_adapter=keep_adapter)
+            outcome = evaluate_candidate(ctx, candidate, folder, early_stop=early_stop, keep_adapter=keep_adapter,
+                                         screen=screen)
         except KeyboardInterrupt:
             # Ctrl-C: give the trial back to the study so that the next run repeats it.
             st.give_back(study, study.get_trials(deepcopy=False)[trial.number], "stopped by the user",
@@ -158,7 +160,12 @@ def run_worker(settings: SearchSettings, worker_index: int = 0, progress: bool =
         st.reclaim_stale_trials(bstudy, st.Recovery.from_search(settings.search))
         run_baselines(bstudy, ctx)
     log.info("searching: %s", space.describe())
-    done = run_search_trials(study, ctx, space, deadline)
+    if settings.search["fidelity"]["enabled"]:
+        from .fidelity import run_fidelity_trials
+
+        done = run_fidelity_trials(study, ctx, space, deadline)
+    else:
+        done = run_search_trials(study, ctx, space, deadline)
     del ctx
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
