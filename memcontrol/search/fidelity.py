@@ -54,10 +54,9 @@ PROXIES = ("screen_memorization", "screen_quality")
 def pareto_ranks(points: dict) -> dict:
     """Non-domination rank of each ``key -> (a, b)`` (both minimised): 0 for the front, 1 for the front of the rest,
     and so on. Equal points share a rank."""
-    def dominates(p, q):
-        return p[0] <= q[0] and p[1] <= q[1] and (p[0] < q[0] or p[1] < q[1])
+    from .selection import Point, dominates
 
-    ranks, left, rank = {}, dict(points), 0
+    ranks, left, rank = {}, {k: Point(k, *p) for k, p in points.items()}, 0
     while left:
         front = [k for k, p in left.items() if not any(dominates(q, p) for q in left.values())]
         for k in front:
