@@ -247,6 +247,20 @@ class Constraint(Spec):
         return self
 
 
+class FidelitySection(Section):
+    """Multi-fidelity search (``memcontrol.search.fidelity``): every candidate is first trained ``min_steps`` steps
+    and scored by cheap proxies; the best ``1/eta`` of each bracket of ``bracket`` candidates (default ``eta**2``)
+    is trained again at its full steps and evaluated in full. ``quality_items`` held-out images, each at
+    ``quality_draws`` fixed (timestep, noise) draws, give the quality proxy (held-out denoising loss)."""
+
+    enabled: bool = False
+    min_steps: Positive = 50
+    eta: Annotated[int, Field(ge=2)] = 3
+    bracket: Annotated[int, Field(ge=2)] | None = None
+    quality_items: Positive = 16
+    quality_draws: Positive = 4
+
+
 class SearchSection(Section):
     n_trials: Positive = 40
     timeout: float | None = Field(None, gt=0)   # seconds per worker
@@ -262,6 +276,7 @@ class SearchSection(Section):
     max_attempts: Positive = 2
     workers: Positive = 1
     progress_every_s: float = Field(10, ge=0)   # a worker's progress line (run, phase, step, time left); 0: every step
+    fidelity: FidelitySection = Field(default_factory=FidelitySection)
 
     @field_validator("enqueue")
     @classmethod
@@ -273,6 +288,11 @@ class SearchSection(Section):
         if self.grace_s <= 2 * self.heartbeat_s:
             raise ValueError("grace_s must be more than twice heartbeat_s, or live trials would be taken for "
                              "interrupted ones")
+        if self.fidelity.enabled and self.sampler == "nsga2":
+            # NSGA-II builds its generations from completed trials only: the screened-out candidates (most of them)
+            # would never inform it, and its first generation would take a population of promotions to fill.
+            raise ValueError("fidelity.enabled needs sampler: tpe (or random); NSGA-II learns nothing from the "
+                             "candidates that were screened out")
         return self
 
 

@@ -19,7 +19,6 @@ without training, and is a candidate of the default selection rule (the answer m
 from __future__ import annotations
 
 import optuna
-from optuna.trial import TrialState
 
 from . import study as st
 from .settings import SearchSettings

@@ -24,6 +24,8 @@ class SearchContext:
     base_noise_norm: float | None  # the probe signal of the untrained model
     adaptable: dict = field(default_factory=dict)  # (family, granularity) -> names of sites it can train
     progress: object = None       # memcontrol.search.progress.Progress of the worker, or None
+    heldout_set: object = None    # the held-out ImageCaptionDataset
+    screen_data: object = None    # memcontrol.search.fidelity.ScreenData, made by the first screened candidate
 
     def adaptable_sites(self, family: str, granularity: str) -> set[str]:
         """The sites where ``family`` has something to train (LoRA has nothing in a norms site, for example)."""
@@ -88,9 +90,11 @@ def build_context(settings: SearchSettings, device: str, progress: bool = True) 
     quality_prompts = spread(list(heldout.captions), settings.sampling["quality_prompts"])
     references = build_references(settings, pipe, train_set, heldout)
     probe, base = None, None
-    if settings.early_stop["enabled"]:
+    # The probe noise norm is the early-stopping signal and the multi-fidelity memorization proxy.
+    if settings.early_stop["enabled"] or settings.search["fidelity"]["enabled"]:
         probe = probe_embeddings(pipe, spread(captions, settings.early_stop["probe_prompts"]))
         base = probe_signal(settings, pipe.unet, pipe.scheduler, probe)
     log.info("worker ready on %s: %d training items, %d held-out, %d training and %d held-out prompts per trial",
              device, len(train_set), len(heldout), len(sample_prompts), len(quality_prompts))
-    return SearchContext(settings, pipe, cached, train_set, sample_prompts, quality_prompts, probe, references, base)
+    return SearchContext(settings, pipe, cached, train_set, sample_prompts, quality_prompts, probe, references, base,
+                         heldout_set=heldout)

@@ -24,7 +24,7 @@ class Row:
     kind: str                 # "trial" | "baseline" | "base" (the untuned model) | "reevaluation" | "control"
     number: int               # Optuna trial number in its study
     label: str
-    state: str                # complete | stopped | failed | interrupted | running | waiting
+    state: str                # complete | stopped | screened | failed | interrupted | running | waiting
     memorization: float | None
     quality: float | None
     feasible: bool
@@ -45,6 +45,8 @@ class Row:
 def _state(trial: FrozenTrial) -> str:
     if st.is_interrupted(trial):
         return "interrupted"
+    if trial.state == TrialState.PRUNED and trial.user_attrs.get("fidelity") == "screen":
+        return "screened"  # multi-fidelity: short budget and proxies only, never on the front
     return {TrialState.COMPLETE: "complete", TrialState.PRUNED: "stopped", TrialState.FAIL: "failed",
             TrialState.RUNNING: "running", TrialState.WAITING: "waiting"}[trial.state]
 

@@ -67,6 +67,11 @@ def work_left(settings: SearchSettings) -> bool:
     st.reclaim_stale_trials(study, st.Recovery.from_search(settings.search))
     if st.budget_used(study) < settings.n_trials:
         return True
+    if settings.search["fidelity"]["enabled"]:
+        from .fidelity import work_left as promotions_left
+
+        if promotions_left(study, settings):
+            return True
     bstudy = optuna.load_study(storage=storage, study_name=settings.baseline_study_name)
     st.reclaim_stale_trials(bstudy, st.Recovery.from_search(settings.search))
     return bool(bstudy.get_trials(deepcopy=False, states=(TrialState.WAITING,)))

@@ -62,8 +62,13 @@ class SearchSettings:
 
     def fingerprint_sections(self) -> dict:
         """What makes two runs' numbers comparable: changing any of these needs a new study."""
-        return {"model": self.model["path"], "data": self._data_identity(), "train": self.train, "space": self.space,
-                "objectives": self.objectives, "sampling": self.sampling, "early_stop": self.early_stop}
+        sections = {"model": self.model["path"], "data": self._data_identity(), "train": self.train,
+                    "space": self.space, "objectives": self.objectives, "sampling": self.sampling,
+                    "early_stop": self.early_stop}
+        if self.search["fidelity"]["enabled"]:
+            # Only when on, so that studies made before multi-fidelity existed still resume.
+            sections["fidelity"] = self.search["fidelity"]
+        return sections
 
     def baseline_fingerprint_sections(self) -> dict:
         # Switching baselines on or adding one later is fine; changing how they train is not.

@@ -48,6 +48,7 @@ ATTR_INTERRUPTED = "interrupted"  # the worker died or was stopped; the trial wa
 ATTR_SURPLUS = "surplus"          # asked but not run (the budget was used by other workers)
 ATTR_STATUS = "status"            # ok | stopped | failed
 ATTR_REASON = "reason"
+ATTR_PROMOTED_FROM = "promoted_from"  # multi-fidelity: the screened trial this full-budget trial re-evaluates
 RUN_ATTRS = (ATTR_WORKER, ATTR_PID_SPACE, ATTR_HEARTBEAT, ATTR_INTERRUPTED, ATTR_STATUS, ATTR_REASON)
 STUDY_ATTR_FINGERPRINT = "memcontrol_fingerprint"
 STUDY_ATTR_READY = "memcontrol_ready"
@@ -332,17 +333,23 @@ def discard_surplus(study: optuna.Study, trial: optuna.trial.Trial, why: str) ->
     study.tell(trial, state=TrialState.FAIL)
 
 
+def is_promotion(trial: FrozenTrial) -> bool:
+    """A multi-fidelity promotion: a candidate already counted in the budget, evaluated again at its full budget."""
+    return trial.user_attrs.get(ATTR_PROMOTED_FROM) is not None
+
+
 def claimed_before(study: optuna.Study, number: int) -> int:
     """How many trials numbered below ``number`` are evaluated or running: when it reaches the budget, a trial
     just asked by one of several workers is one too many."""
     return sum(1 for t in study.get_trials(deepcopy=False)
-               if t.number < number and (is_evaluated(t) or t.state == TrialState.RUNNING))
+               if t.number < number and not is_promotion(t) and (is_evaluated(t) or t.state == TrialState.RUNNING))
 
 
 def budget_used(study: optuna.Study) -> int:
-    """Evaluated plus running trials: what a worker checks before it asks for another trial."""
+    """Evaluated plus running candidates: what a worker checks before it asks for another trial. The budget counts
+    candidates; promotions are paid by the fidelity rule (one in ``eta``)."""
     trials = study.get_trials(deepcopy=False)
-    return sum(1 for t in trials if is_evaluated(t) or t.state == TrialState.RUNNING)
+    return sum(1 for t in trials if not is_promotion(t) and (is_evaluated(t) or t.state == TrialState.RUNNING))
 
 
 def worker_id() -> str:

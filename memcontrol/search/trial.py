@@ -35,11 +35,12 @@ log = logging.getLogger(__name__)
 
 OK, STOPPED, FAILED, ERROR = "ok", "stopped", "failed", "error"
 NO_TRAINING = "none"  # the family of the base model's candidate: nothing is trained
+SCREENED = "screened"  # multi-fidelity: trained at the short budget and scored by the cheap proxies only
 
 
 @dataclass
 class Outcome:
-    status: str                    # ok | stopped | failed | error
+    status: str                    # ok | stopped | failed | error | screened
     reason: str | None = None
     metrics: dict = field(default_factory=dict)    # scalar metrics; "memorization" and "quality" are the objectives
     compute: dict = field(default_factory=dict)    # steps, step_budget, *_seconds, early_stopped
@@ -105,12 +106,13 @@ def to_mask(candidate: Candidate, adaptable: set[str] | None = None):
 
 def evaluate_candidate(ctx: SearchContext, candidate: Candidate, folder: Path, early_stop: bool = True,
                        keep_adapter: bool = True, progress: bool = False, adapter: Path | None = None,
-                       sampling_seed: int | None = None) -> Outcome:
+                       sampling_seed: int | None = None, screen: bool = False) -> Outcome:
     """Train, sample and measure one candidate; results in ``folder`` and in the returned ``Outcome``.
 
     ``adapter``: an exported adapter of this candidate, loaded instead of training (trained again, from the same
     seed, when the folder holds no finished export). ``sampling_seed``: sample from this seed, not
-    ``sampling.seed``."""
+    ``sampling.seed``. ``screen``: the multi-fidelity first rung instead: ``search.fidelity.min_steps`` steps, then
+    the cheap proxies (``memcontrol.search.fidelity.screen_scores``), no sampling; the status is then ``screened``."""
     from ..export import is_exported
 
     folder = Path(folder)
@@ -127,7 +129,7 @@ def evaluate_candidate(ctx: SearchContext, candidate: Candidate, folder: Path, e
             outcome = _measure(ctx, settings, _with_adapter(ctx.pipe, adapter), folder, Outcome(OK),
                                candidate.inference)
         else:
-            outcome = _evaluate(ctx, settings, candidate, folder, early_stop, keep_adapter, progress)
+            outcome = _evaluate(ctx, settings, candidate, folder, early_stop, keep_adapter, progress, screen)
     except Exception as err:  # noqa: BLE001 - every outcome is mapped here, once; the worker acts on the status
         reason = str(err) if isinstance(err, MemcontrolError) else f"{type(err).__name__}: {err}".strip()
         outcome = Outcome(classify(err), reason)
@@ -153,13 +155,16 @@ def _with_adapter(pipe, adapter: Path):
     return load_adapter(pipeline_with_unet(pipe, copy.deepcopy(pipe.unet)), adapter)
 
 
-def _evaluate(ctx, settings, candidate, folder, early_stop, keep_adapter, progress) -> Outcome:
+def _evaluate(ctx, settings, candidate, folder, early_stop, keep_adapter, progress, screen) -> Outcome:
     from ..training import TrainConfig, finetune, pipeline_with_unet
     from .shared_training import load_shared, save_shared
 
     mask = to_mask(candidate, ctx.adaptable_sites(candidate.family, candidate.granularity))
     mask.to_json(folder / "mask.json")
     cfg = TrainConfig.from_dict({**settings.train, **candidate.train})
+    if screen:
+        cfg = cfg.model_copy(update={"steps": min(cfg.steps, settings.search["fidelity"]["min_steps"])})
+        early_stop = False  # the probe noise norm at the end of the short run is the screen's own score
     stopper = NoiseNormStop(ctx) if early_stop and settings.early_stop["enabled"] else None
     # Adapter weights are initialised from torch's global generator when the mask is applied: seed it so that a
     # trial trained again (for export on another machine) gives the same adapter.
@@ -185,6 +190,10 @@ def _evaluate(ctx, settings, candidate, folder, early_stop, keep_adapter, progre
         return out
     if candidate.shared_training and reused is None:
         save_shared(ctx, candidate, cfg, result)
+    if screen:
+        from .fidelity import screen_scores
+
+        return screen_scores(ctx, result.applied.unet, out)
 
     out = _measure(ctx, settings, pipeline_with_unet(ctx.pipe, result.applied.unet), folder, out,
                    candidate.inference)

@@ -23,11 +23,12 @@ from .context import SearchContext, build_context
 from .progress import Progress
 from .settings import SearchSettings
 from .space import SearchSpace, load_space
-from .trial import ERROR, FAILED, NO_TRAINING, OK, STOPPED, Outcome, evaluate_candidate
+from .trial import ERROR, FAILED, NO_TRAINING, OK, SCREENED, STOPPED, Outcome, evaluate_candidate
 
 log = logging.getLogger(__name__)
 
-STATES = {OK: TrialState.COMPLETE, STOPPED: TrialState.PRUNED, FAILED: TrialState.FAIL, ERROR: TrialState.FAIL}
+STATES = {OK: TrialState.COMPLETE, STOPPED: TrialState.PRUNED, FAILED: TrialState.FAIL, ERROR: TrialState.FAIL,
+          SCREENED: TrialState.PRUNED}
 
 
 class StudyStopped(MemcontrolError):
@@ -68,7 +69,7 @@ def record(trial: optuna.trial.Trial, candidate, outcome: Outcome, folder: Path,
         trial.set_user_attr("trainable_percent", outcome.trainable_percent)
     for key, value in {**outcome.metrics, **outcome.compute}.items():
         trial.set_user_attr(key, value)
-    if outcome.status not in (FAILED, ERROR):
+    if outcome.status not in (FAILED, ERROR, SCREENED):  # the screen's proxies are not the constrained metrics
         st.record_constraints(trial, settings.constraints, outcome.metrics)
 
 
@@ -80,7 +81,8 @@ def record_failure(study: optuna.Study, trial: optuna.trial.Trial, reason: str) 
 
 
 def run_trial(study: optuna.Study, trial: optuna.trial.Trial, ctx: SearchContext, candidate, folder: Path,
-              early_stop: bool, keep_adapter: bool, label: str | None = None, **how) -> Outcome:
+              early_stop: bool, keep_adapter: bool, label: str | None = None, screen: bool = False,
+              **how) -> Outcome:
     """Evaluate and record one trial; ``how``: ``evaluate_candidate``'s adapter and sampling seed."""
     settings = ctx.settings
     if ctx.progress is not None:
@@ -88,7 +90,7 @@ def run_trial(study: optuna.Study, trial: optuna.trial.Trial, ctx: SearchContext
     with st.Heartbeat(study, trial, settings.search["heartbeat_s"]):
         try:
             outcome = evaluate_candidate(ctx, candidate, folder, early_stop=early_stop, keep_adapter=keep_adapter,
-                                         **how)
+                                         screen=screen, **how)
         except KeyboardInterrupt:
             # Ctrl-C: give the trial back to the study so that the next run repeats it.
             st.give_back(study, study.get_trials(deepcopy=False)[trial.number], "stopped by the user",
@@ -194,7 +196,12 @@ def run_worker(settings: SearchSettings, worker_index: int = 0, progress: bool =
     st.reclaim_stale_trials(bstudy, st.Recovery.from_search(settings.search))
     run_baselines(bstudy, ctx)
     log.info("searching: %s", space.describe())
-    done = run_search_trials(study, ctx, space, deadline)
+    if settings.search["fidelity"]["enabled"]:
+        from .fidelity import run_fidelity_trials
+
+        done = run_fidelity_trials(study, ctx, space, deadline)
+    else:
+        done = run_search_trials(study, ctx, space, deadline)
     try:
         fstudy = optuna.load_study(storage=storage, study_name=settings.followup_study_name)
     except KeyError:  # no candidate chosen yet

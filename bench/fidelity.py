@@ -1,0 +1,246 @@
+"""Multi-fidelity search: does the cheap screen rank candidates as the full evaluation does, and what does a search
+that screens buy over random search at the same compute. On the bundled base model and hospital data.
+
+(a) Ranking. ``--candidates`` candidates drawn from the bench space by a seeded random sampler
+    (``--candidate-seed``; nothing in the screen was tuned on them), each screened (``--min-steps`` steps, probe
+    noise norm and held-out denoising loss) and evaluated in full (``--steps`` steps, sampling, metrics, no early
+    stopping), the two interleaved (screen first for even candidates, full first for odd ones). Printed: Spearman
+    between each proxy and its full-fidelity objective with a bootstrap 95% interval over candidates, how many
+    candidate pairs the full evaluation separates (their 95% intervals do not overlap), and the cost ratio (full
+    seconds / screen seconds per candidate: median and range).
+(b) Search. For each of ``--seeds``: a TPE search with multi-fidelity and a random search at full fidelity, at the
+    same compute: the random search gets ``--random-trials`` candidates, the multi-fidelity one
+    ``N = random_trials / (c + 1/eta)`` with ``c`` the screen / full cost measured in (a), so that screens plus
+    promotions cost what the random trials cost (both searches stop memorizing trials early, as configured; the
+    seconds each spent are printed to check). The hypervolume of each search's front is measured against a
+    reference point fixed from (a)'s full-fidelity values before (b) starts (the worst value of each objective plus
+    10% of its range; ``--ref`` sets it); printed per seed with the ratio, then the mean ratio and its range.
+
+Results go to ``--out``/fidelity.json. The printed command line of the README's figures is at the end of the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+from scipy.stats import spearmanr
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from memcontrol.metrics.intervals import bootstrap_indices, percentile_interval  # noqa: E402
+from memcontrol.search.context import build_context  # noqa: E402
+from memcontrol.search.hypervolume import hypervolume_2d  # noqa: E402
+from memcontrol.search.run import run_search  # noqa: E402
+from memcontrol.search.settings import load_settings  # noqa: E402
+from memcontrol.search.trial import evaluate_candidate  # noqa: E402
+from memcontrol.search.worker import bind_space  # noqa: E402
+
+BASE_MODEL = ROOT / "data" / "base_model"
+HOSPITAL = ROOT / "data" / "hospital"
+PAIRS = (("screen_memorization", "memorization"), ("screen_quality", "quality"))
+
+
+def config(args, fidelity: bool, sampler: str, n_trials: int, seed: int, cache: Path) -> dict:
+    return {
+        "model": {"path": str(BASE_MODEL), "device": args.device},
+        "data": {"train": {"source": str(HOSPITAL / "private" / "manifest.csv")},
+                 "heldout": {"source": str(HOSPITAL / "heldout" / "manifest.csv")}, "resolution": 64,
+                 "cache_dir": str(cache)},
+        "train": {"steps": args.steps, "batch_size": 8, "lr": 1e-4, "caption_dropout": 0.1, "seed": 0},
+        # The reference space (one switch per attention block, LoRA) with a learning-rate range wide enough that
+        # the tiny model's candidates differ within a short fine-tune.
+        "space": {"granularity": "block", "kinds": ["attention"], "family": "lora",
+                  "family_params": {"lora": {"rank": 4, "alpha": 4}},
+                  "train": {"lr": {"low": 1e-4, "high": 3e-3, "log": True}}},
+        "objectives": {"memorization": {"metric": "mean_similarity", "features": {"type": "pixels", "size": 32}},
+                       "quality": {"metric": "fd", "features": {"type": "vae"}}},
+        "sampling": {"prompts": args.prompts, "quality_prompts": args.prompts, "per_prompt": 1,
+                     "steps": args.sample_steps, "sampler": "dpm", "guidance_scale": 3.0},
+        "early_stop": {"enabled": True, "every": max(1, args.steps // 6), "probe_prompts": 4,
+                       "max_ratio": args.max_ratio},
+        "search": {"n_trials": n_trials, "sampler": sampler, "seed": seed,
+                   "fidelity": {"enabled": fidelity, "min_steps": args.min_steps, "eta": args.eta}},
+        "baselines": {"enabled": False},
+    }
+
+
+def draw_candidates(space, n: int, seed: int) -> list:
+    """``n`` candidates of the space from a seeded random sampler (a candidate with no switch on is drawn again)."""
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    out = []
+    while len(out) < n:
+        candidate = space.sample(study.ask())
+        if candidate.sites:
+            out.append(candidate)
+    return out
+
+
+def rank_agreement(cheap: list[float], full: list[float], seed: int) -> dict:
+    """Spearman's rho with the percentile interval of its bootstrap over candidates."""
+    cheap, full = np.asarray(cheap), np.asarray(full)
+    value = float(spearmanr(cheap, full).statistic)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        resampled = [spearmanr(cheap[i], full[i]).statistic if len(set(i)) > 2 else math.nan
+                     for i in bootstrap_indices(len(cheap), 1000, seed)]
+    ci = percentile_interval(value, np.asarray(resampled, dtype=float))
+    return {"rho": ci.value, "ci_low": ci.low, "ci_high": ci.high, "n": len(cheap)}
+
+
+def separated_pairs(rows: list[dict], name: str) -> tuple[int, int]:
+    """Candidate pairs whose full-fidelity 95% intervals of ``name`` do not overlap, and all pairs."""
+    n = len(rows)
+    apart = sum(1 for i in range(n) for j in range(i + 1, n)
+                if rows[i][f"{name}_ci_high"] < rows[j][f"{name}_ci_low"]
+                or rows[j][f"{name}_ci_high"] < rows[i][f"{name}_ci_low"])
+    return apart, n * (n - 1) // 2
+
+
+def ranking(args, out: Path) -> dict:
+    settings = load_settings(config(args, True, "tpe", args.candidates, 0, out / "cache"), out / "ranking")
+    ctx = build_context(settings, settings.model["device"], progress=False)
+    candidates = draw_candidates(bind_space(settings, ctx.pipe.unet), args.candidates, args.candidate_seed)
+    rows = []
+    for i, candidate in enumerate(candidates):
+        folder = out / "ranking" / str(i)
+        runs = {}
+        for kind in (("screen", "full") if i % 2 == 0 else ("full", "screen")):
+            runs[kind] = evaluate_candidate(ctx, candidate, folder / kind, early_stop=False, keep_adapter=False,
+                                            screen=kind == "screen")
+        screen, full = runs["screen"], runs["full"]
+        row = {"candidate": i, "lr": candidate.train["lr"], "sites": len(candidate.sites),
+               "screen_status": screen.status, "full_status": full.status,
+               "screen_seconds": screen.compute["total_seconds"], "full_seconds": full.compute["total_seconds"],
+               **{k: screen.metrics.get(k) for k, _ in PAIRS},
+               **{k: v for k, v in full.metrics.items() if k.startswith(("memorization", "quality"))}}
+        rows.append(row)
+        print(f"candidate {i}: lr {row['lr']:.2e}, {row['sites']} sites | screen {screen.status} "
+              f"{row['screen_seconds']:.1f} s: {row['screen_memorization']}, {row['screen_quality']} | full "
+              f"{full.status} {row['full_seconds']:.1f} s: {row.get('memorization')}, {row.get('quality')}",
+              flush=True)
+    both = [r for r in rows if r["screen_status"] == "screened" and r["full_status"] == "ok"]
+    ratios = [r["full_seconds"] / r["screen_seconds"] for r in rows]
+    result = {"rows": rows, "compared": len(both),
+              "cost_ratio": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)},
+              "screen_over_full": statistics.median(r["screen_seconds"] for r in rows)
+              / statistics.median(r["full_seconds"] for r in rows)}
+    for cheap, full in PAIRS:
+        agreement = rank_agreement([r[cheap] for r in both], [r[full] for r in both], args.candidate_seed)
+        apart, pairs = separated_pairs(both, full)
+        result[full] = {**agreement, "separated_pairs": apart, "pairs": pairs}
+    return result
+
+
+def reference_point(rows: list[dict]) -> tuple[float, float]:
+    done = [r for r in rows if r["full_status"] == "ok"]
+    point = []
+    for name in ("memorization", "quality"):
+        values = [r[name] for r in done]
+        point.append(max(values) + 0.1 * (max(values) - min(values)))
+    return tuple(point)
+
+
+def one_search(args, out: Path, fidelity: bool, n_trials: int, seed: int, ref) -> dict:
+    settings = load_settings(config(args, fidelity, "tpe" if fidelity else "random", n_trials, seed, out / "cache"),
+                             out / f"{'fidelity' if fidelity else 'random'}_seed{seed}")
+    start = time.perf_counter()
+    outputs = run_search(settings, progress=False)
+    wall = time.perf_counter() - start
+    rows = outputs.results.trials
+    front = [(r.memorization, r.quality) for r in outputs.results.front]
+    return {"method": "fidelity+tpe" if fidelity else "random", "seed": seed, "n_trials": n_trials,
+            "counts": outputs.results.counts(), "trial_seconds": sum(r.get("total_seconds", 0.0) for r in rows),
+            "wall_seconds": wall, "front": front, "hypervolume": hypervolume_2d(front, ref)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--candidates", type=int, default=8, help="(a) candidates screened and evaluated in full")
+    parser.add_argument("--candidate-seed", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=60, help="full training budget")
+    parser.add_argument("--min-steps", type=int, default=12, help="screening budget")
+    parser.add_argument("--eta", type=int, default=3)
+    parser.add_argument("--prompts", type=int, default=16, help="memorization and quality samples of a full trial")
+    parser.add_argument("--sample-steps", type=int, default=20)
+    parser.add_argument("--max-ratio", type=float, default=1.5, help="early stop: probe noise norm / base model's")
+    parser.add_argument("--random-trials", type=int, default=6, help="(b) random search trials per seed")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--ref", type=float, nargs=2, default=None, help="(b) hypervolume reference point")
+    parser.add_argument("--skip-search", action="store_true", help="run (a) only")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default torch's; 1 on a loaded machine, where two threads each wait "
+                             "for the other: 14x slower here at load 9 on 2 cores)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default=str(ROOT / "runs" / "bench_fidelity"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if not (BASE_MODEL / "model_index.json").is_file():
+        sys.exit(f"the bundled base model is missing: {BASE_MODEL / 'model_index.json'}")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        sys.exit(f"{out} is not empty: give a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    import os
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+               "load_average_start": os.getloadavg()}
+    report = {"args": vars(args), "machine": machine}
+
+    rank = ranking(args, out)
+    report["ranking"] = rank
+    print(f"\n(a) ranking over {rank['compared']} candidates both evaluated (screen {args.min_steps} steps vs full "
+          f"{args.steps} steps):")
+    for _, name in PAIRS:
+        r = rank[name]
+        print(f"  {name}: Spearman {r['rho']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]; full evaluation separates "
+              f"{r['separated_pairs']} of {r['pairs']} pairs")
+    c = rank["cost_ratio"]
+    print(f"  cost: a full trial costs x{c['median']:.1f} a screen (median; range {c['min']:.1f}-{c['max']:.1f})")
+    (out / "fidelity.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+
+    if not args.skip_search:
+        ref = tuple(args.ref) if args.ref else reference_point(rank["rows"])
+        n_fidelity = max(1, math.floor(args.random_trials / (rank["screen_over_full"] + 1 / args.eta)))
+        print(f"\n(b) reference point (memorization, quality) = ({ref[0]:.4g}, {ref[1]:.4g}); per seed: random "
+              f"{args.random_trials} full trials vs multi-fidelity {n_fidelity} candidates", flush=True)
+        runs = []
+        for seed in args.seeds:  # interleaved: both methods of a seed run back to back
+            for fidelity in (True, False):
+                run = one_search(args, out, fidelity, n_fidelity if fidelity else args.random_trials, seed, ref)
+                runs.append(run)
+                print(f"  seed {seed} {run['method']:<12}: hypervolume {run['hypervolume']:.4g}, front "
+                      f"{len(run['front'])}, trials {run['counts']}, trial seconds {run['trial_seconds']:.0f}, "
+                      f"wall {run['wall_seconds']:.0f} s", flush=True)
+        ratios = []
+        for seed in args.seeds:
+            fid, rnd = (next(r for r in runs if r["seed"] == seed and r["method"] == m)
+                        for m in ("fidelity+tpe", "random"))
+            ratios.append(fid["hypervolume"] / rnd["hypervolume"] if rnd["hypervolume"] > 0 else math.inf)
+        finite = [r for r in ratios if math.isfinite(r)]
+        report["search"] = {"reference_point": ref, "n_fidelity": n_fidelity, "runs": runs, "ratios": ratios}
+        print(f"  hypervolume ratio (multi-fidelity / random) per seed: {', '.join(f'{r:.2f}' for r in ratios)}"
+              + (f"; mean {statistics.mean(finite):.2f} (range {min(finite):.2f}-{max(finite):.2f})" if finite else ""))
+    machine["load_average_end"] = os.getloadavg()
+    (out / "fidelity.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    print(f"load average start {machine['load_average_start']}, end {machine['load_average_end']}; "
+          f"written: {out / 'fidelity.json'}")
+    print("command: python bench/fidelity.py " + " ".join(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()

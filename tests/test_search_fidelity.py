@@ -1,0 +1,155 @@
+"""Multi-fidelity search: the promotion rule on hand-made scores, the hypervolume on a hand-computed front, the
+brackets read back from a real study, and a tiny search where only the promoted fraction trains at the full
+budget, resumed without recomputing anything."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import optuna
+import pytest
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState, create_trial
+
+from fixtures_search import cheap_search_config, write_config
+from memcontrol.cli import main
+from memcontrol.errors import ConfigError
+from memcontrol.search import fidelity as fd
+from memcontrol.search import study as st
+from memcontrol.search.hypervolume import hypervolume_2d
+from memcontrol.search.settings import load_settings
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+# Rank 0: 0, 1, 2, 3, 4; rank 1: 5, 6, 7 (each dominated by a rank-0 point); rank 2: 8.
+# Crowding in rank 0 (both objectives span 8): 0 and 4 are ends (inf); 1: 3/8 + 4/8 = 0.875;
+# 2: 4/8 + 4/8 = 1.0; 3: 5/8 + 4/8 = 1.125.
+BRACKET = {0: (1, 9), 1: (2, 6), 2: (4, 5), 3: (6, 2), 4: (9, 1), 5: (3, 7), 6: (5, 5), 7: (7, 3), 8: (8, 8)}
+
+
+def test_promotion_order_is_pareto_rank_then_crowding():
+    assert fd.pareto_ranks(BRACKET) == {0: 0, 1: 0, 2: 0, 3: 0, 4: 0, 5: 1, 6: 1, 7: 1, 8: 2}
+    dist = fd.crowding({k: BRACKET[k] for k in range(5)})
+    assert dist[0] == dist[4] == math.inf
+    assert dist[1] == pytest.approx(0.875, abs=1e-12) and dist[2] == pytest.approx(1.0, abs=1e-12)
+    assert dist[3] == pytest.approx(1.125, abs=1e-12)
+    assert fd.promotion_order(BRACKET) == [0, 4, 3, 2, 1, 5, 7, 6, 8]
+
+
+@pytest.mark.parametrize("eta, expected", [(3, [0, 4, 3]), (2, [0, 4, 3, 2, 1]), (9, [0]), (4, [0, 4, 3])])
+def test_a_bracket_promotes_the_best_ceil_n_over_eta(eta, expected):
+    assert fd.promoted(BRACKET, eta) == expected
+
+
+def test_ties_and_failed_candidates():
+    # Equal points share a rank; within a two-point front both are ends; the trial number decides.
+    assert fd.promoted({3: (1.0, 1.0), 1: (1.0, 1.0), 2: (2.0, 2.0)}, eta=2) == [1, 3]
+    # A candidate whose proxies are not finite counts in the bracket's size but is never promoted.
+    assert fd.promoted({0: (math.nan, 0.0), 1: (2.0, 2.0), 2: (3.0, 3.0)}, eta=3) == [1]
+    assert fd.promoted({1: (2.0, 2.0), 2: (3.0, 3.0)}, eta=3, size=6) == [1, 2]
+    assert fd.promoted({0: (math.inf, 1.0)}, eta=2) == []
+
+
+def test_hypervolume_of_a_hand_computed_front():
+    # (1, 2) and (2, 1) below (3, 3): two 2 x 1 strips overlapping in a unit square -> 3.
+    front = [(1.0, 2.0), (2.0, 1.0)]
+    assert hypervolume_2d(front, (3, 3)) == pytest.approx(3.0, abs=1e-12)
+    # Dominated, duplicated, outside the box or non-finite points add nothing.
+    noisy = front + [(2.5, 2.5), (1.0, 2.0), (4.0, 0.0), (0.5, 3.0), (math.nan, 0.0)]
+    assert hypervolume_2d(noisy, (3, 3)) == pytest.approx(3.0, abs=1e-12)
+    assert hypervolume_2d([(0.0, 0.0)], (2, 0.5)) == pytest.approx(1.0, abs=1e-12)
+    assert hypervolume_2d([], (1, 1)) == 0.0
+
+
+def _settings(tmp_path, tiny_pipe_dir, search_data, n_trials, **fidelity):
+    cfg = cheap_search_config(tiny_pipe_dir, search_data, search={
+        "n_trials": n_trials, "sampler": "tpe", "fidelity": {"enabled": True, "min_steps": 2, **fidelity}})
+    return load_settings(cfg, tmp_path)
+
+
+def _screened(number: int, scores, state=TrialState.PRUNED) -> optuna.trial.FrozenTrial:
+    attrs = {fd.ATTR_FIDELITY: fd.SCREEN, st.ATTR_STATUS: "screened"}
+    if scores is not None:
+        attrs.update(screen_memorization=scores[0], screen_quality=scores[1])
+    return create_trial(state=state, params={"lr": 1e-3 * (number + 1)},
+                        distributions={"lr": FloatDistribution(1e-4, 1e-1, log=True)}, user_attrs=attrs)
+
+
+def test_brackets_are_read_back_from_the_study(tmp_path, tiny_pipe_dir, search_data):
+    settings = _settings(tmp_path, tiny_pipe_dir, search_data, n_trials=5, eta=2, bracket=3)
+    study = optuna.create_study(directions=list(st.DIRECTIONS))
+    for i, scores in enumerate([(3, 3), (1, 1), (2, 2), (5, 0)]):
+        study.add_trial(_screened(i, scores))
+    # Bracket 0 (trials 0-2) is decided: ceil(3/2) = 2 promotions; bracket 1 waits for its fifth candidate.
+    assert [t.number for t in fd.due_promotions(study, settings)] == [1, 2]
+    assert fd.queue_promotions(study, settings) == 2 and fd.queue_promotions(study, settings) == 0
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert [t.user_attrs[st.ATTR_PROMOTED_FROM] for t in waiting] == [1, 2]
+    assert [t.user_attrs[fd.ATTR_FIDELITY] for t in waiting] == [fd.FULL, fd.FULL]
+    assert st.budget_used(study) == 4  # promotions are not candidates
+    # The last candidate fails its screen: the last bracket (3, 4) is decided and promotes trial 3 only.
+    study.add_trial(_screened(4, None, state=TrialState.FAIL))
+    assert [t.number for t in fd.due_promotions(study, settings)] == [1, 2, 3]
+    assert [t.number for t in fd.missing_promotions(study, settings)] == [3]
+    # Two workers queued promotion 3 at once: the copy asked later is a duplicate.
+    fd.queue_promotions(study, settings)
+    study.enqueue_trial({"lr": 4e-3}, user_attrs={st.ATTR_PROMOTED_FROM: 3, fd.ATTR_FIDELITY: fd.FULL})
+    copies = [t.number for t in study.get_trials() if t.user_attrs.get(st.ATTR_PROMOTED_FROM) == 3]
+    assert not fd.duplicate_promotion(study, copies[0], 3) and fd.duplicate_promotion(study, copies[1], 3)
+
+
+def test_nsga2_is_refused_with_fidelity(tiny_pipe_dir, search_data, tmp_path):
+    cfg = cheap_search_config(tiny_pipe_dir, search_data, search={"sampler": "nsga2", "fidelity": {"enabled": True}})
+    with pytest.raises(ConfigError, match="fidelity.enabled needs sampler: tpe"):
+        load_settings(cfg, tmp_path)
+
+
+def _study(out):
+    return optuna.load_study(storage=f"sqlite:///{out / 'study.db'}", study_name="memcontrol")
+
+
+def test_only_promoted_candidates_train_the_full_budget_and_resume_recomputes_nothing(tmp_path, tiny_pipe_dir,
+                                                                                         search_data):
+    cfg = cheap_search_config(tiny_pipe_dir, search_data, train={"steps": 6, "batch_size": 2, "lr": 1e-3, "seed": 0},
+                              search={"n_trials": 2, "sampler": "tpe",
+                                      "fidelity": {"enabled": True, "min_steps": 2, "eta": 2, "bracket": 2,
+                                                   "quality_items": 2, "quality_draws": 2}})
+    config = write_config(tmp_path / "search.yaml", cfg)
+    out = tmp_path / "run"
+    argv = ["search", "--config", str(config), "--out", str(out)]
+    assert main(argv) == 0
+    first = _study(out).get_trials()
+    assert [t.user_attrs[fd.ATTR_FIDELITY] for t in first] == [fd.SCREEN] * 2 + [fd.FULL]
+
+    # A larger budget continues the study: one more candidate, a last bracket of one, one more promotion.
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "trials").glob("*/metrics.json")}
+    assert main(argv + ["--n-trials", "3"]) == 0
+    trials = _study(out).get_trials()
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    screened = [t for t in trials if t.user_attrs[fd.ATTR_FIDELITY] == fd.SCREEN]
+    full = [t for t in trials if t.user_attrs[fd.ATTR_FIDELITY] == fd.FULL]
+    assert len(screened) == 3 and len(full) == 2
+    assert all(t.state == TrialState.PRUNED and t.user_attrs["steps"] == 2 for t in screened)
+    assert all(t.state == TrialState.COMPLETE and t.user_attrs["steps"] == 6 for t in full)
+    # Each promotion re-evaluates the best screened candidate of its bracket, with its parameters.
+    by_number = {t.number: t for t in trials}
+    brackets = [[t for t in screened if t.number < 2], [t for t in screened if t.number > 2]]
+    for bracket, promotion in zip(brackets, full):
+        scores = {t.number: (t.user_attrs["screen_memorization"], t.user_attrs["screen_quality"]) for t in bracket}
+        assert promotion.user_attrs[st.ATTR_PROMOTED_FROM] == fd.promotion_order(scores)[0]
+        assert promotion.params == by_number[promotion.user_attrs[st.ATTR_PROMOTED_FROM]].params
+    # Files: samples and adapters only where the full budget ran.
+    for t in screened:
+        assert not (out / "trials" / str(t.number) / "samples").exists()
+    pareto = {int(r["number"]) for r in csv.DictReader(open(out / "pareto.csv"))}
+    assert pareto and pareto <= {t.number for t in full}
+    states = [r["state"] for r in csv.DictReader(open(out / "trials.csv"))]
+    assert states.count("screened") == 3 and states.count("complete") == 2
+
+    # Once finished, a rerun only rebuilds the outputs.
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "trials").glob("*/metrics.json")}
+    before = [(t.number, t.state, t.values) for t in trials]
+    assert main(argv + ["--n-trials", "3"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "trials").glob("*/metrics.json")} == stamps
+    assert [(t.number, t.state, t.values) for t in _study(out).get_trials()] == before
