@@ -9,7 +9,7 @@ planted again with another window and 8-bit quantisation; files are not read, so
 run adds, about linear in n) is left out. Stages, timed separately, repeats interleaved across sizes:
 
 * embed: pixel features (area-downsampled to 32 x 32, grey) and the centred unit rows, linear in n;
-* search: exact nearest-neighbour search of every image against all (``pairs_above``), quadratic in n: it
+* search: exact range search of every image against all (``pairs_above``), quadratic in n: it
   dominates from a few thousand images on.
 
 Prints images/s per stage and in all, with the median and spread (min-max) of the repeats, the machine, and for

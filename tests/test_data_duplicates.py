@@ -13,12 +13,13 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+import torch
 import yaml
 
 from memcontrol.cli import main
 from memcontrol.data import load_source
 from memcontrol.data.cohorts import PRIVATE
-from memcontrol.data.duplicates import PIXEL_THRESHOLD, audit_datasets, check_duplicates, deduplicate
+from memcontrol.data.duplicates import PIXEL_THRESHOLD, audit_datasets, check_duplicates, deduplicate, pairs_above
 from memcontrol.data.hospital import Encoding, _write_dicom
 from memcontrol.data.images import read_image
 from memcontrol.errors import ConfigError
@@ -48,6 +49,20 @@ def private_sets():
     train = load_source({"source": str(PRIVATE_DIR / "manifest.csv")}, 64)
     heldout = load_source({"source": str(HELDOUT_DIR / "manifest.csv")}, 64)
     return train, heldout
+
+
+def test_the_range_search_returns_every_pair_above_the_threshold_exactly():
+    # Blocks and chunks smaller than the sets, so that pairs straddle block borders; compared with the whole matrix.
+    gen = torch.Generator().manual_seed(0)
+    a = torch.nn.functional.normalize(torch.randn(300, 16, generator=gen), dim=1)
+    a[250:] = torch.nn.functional.normalize(a[:50] + 0.05 * torch.randn(50, 16, generator=gen), dim=1)
+    b = torch.nn.functional.normalize(torch.cat([a[:20] + 0.05, torch.randn(100, 16, generator=gen)]), dim=1)
+    for refs, same in ((a, True), (b, False)):
+        sims = a @ refs.T
+        expected = {(i, j) for i, j in zip(*np.nonzero((sims >= 0.9).numpy())) if not (same and j <= i)}
+        got = pairs_above(a, refs, 0.9, same_set=same, block=64, chunk_size=37, progress=False)
+        assert expected and {(i, j) for i, j, _ in got} == expected
+        assert all(abs(s - float(sims[i, j])) < 1e-5 for i, j, s in got)
 
 
 def test_finds_exactly_the_planted_duplicates_from_the_images_alone(private_sets):

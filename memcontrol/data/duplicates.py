@@ -12,8 +12,8 @@ held-out image that is also in the training set makes every held-out figure opti
   subjects per folder, so ``sub-0001`` of one is not ``sub-0001`` of the other);
 * ``repeated_caption``: identical captions after folding case and whitespace.
 
-Similarity is the cosine of features, found by exact nearest-neighbour search (``metrics.nn_search``: every pair
-is scored). In pixel space the rows are centred first, which makes the cosine the Pearson correlation of the two
+Similarity is the cosine of features, found by an exact range search (``pairs_above``: every pair is scored, one
+matrix product per block, and every pair above the threshold kept). In pixel space the rows are centred first, which makes the cosine the Pearson correlation of the two
 images: unchanged by a linear window / level change, the commonest difference between two exports of one film.
 
 ``PIXEL_THRESHOLD`` was calibrated on separate data, never on a cohort it is tested on: ``bench/calibrate_duplicates.py``
@@ -33,19 +33,17 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from ..errors import ConfigError
-from ..metrics.nn_search import nearest_neighbours
 
 # Pixel-space (32 x 32, centred cosine) threshold, calibrated by bench/calibrate_duplicates.py (see module doc).
 PIXEL_THRESHOLD = 0.99
 PIXEL_SIZE = 32
 KINDS = ("near_duplicate", "same_patient", "leak_image", "leak_patient", "repeated_caption")
 ON_DUPLICATES = ("warn", "error", "ignore")
-FIRST_K = 8  # neighbours asked for first; doubled while the k-th is still above the threshold (the search stays exact)
 
 
 @dataclass(frozen=True)
@@ -109,24 +107,22 @@ def similarity_rows(features: torch.Tensor, centre: bool) -> torch.Tensor:
 
 
 def pairs_above(queries: torch.Tensor, references: torch.Tensor, threshold: float, same_set: bool,
-                chunk_size: int = 16384, progress: bool = True) -> list[tuple[int, int, float]]:
-    """Every (query, reference, similarity) with similarity >= threshold, exactly: k grows until the k-th neighbour
-    of every query falls below the threshold. With ``same_set`` a row is not its own pair and each pair comes once."""
-    n_ref = len(references)
-    k = min(n_ref, FIRST_K + int(same_set))
-    todo = np.arange(len(queries))
+                block: int = 2048, chunk_size: int = 16384, progress: bool = True) -> list[tuple[int, int, float]]:
+    """Every (query, reference, similarity) with similarity >= threshold, exactly: a range search over the full
+    similarity matrix, computed block by block (one matrix product each, nothing ranked). With ``same_set`` a row is
+    not its own pair and each pair comes once, so only the blocks on or above the diagonal are computed."""
+    q_all = F.normalize(torch.as_tensor(queries, dtype=torch.float32), dim=1)
+    r_all = F.normalize(torch.as_tensor(references, dtype=torch.float32), dim=1)
     found = []
-    while len(todo):
-        sims, idx = nearest_neighbours(queries[torch.from_numpy(todo)], references, k=k, chunk_size=chunk_size,
-                                       progress=progress)
-        full = (sims[:, -1] >= threshold).numpy() & (k < n_ref)
-        for row in np.flatnonzero(~full):
-            q = int(todo[row])
-            for s, r in zip(sims[row].tolist(), idx[row].tolist()):
-                if s >= threshold and not (same_set and r <= q):
-                    found.append((q, r, s))
-        todo = todo[full]
-        k = min(n_ref, 2 * k)
+    for q0 in tqdm(range(0, len(q_all), block), desc="near-duplicate search", unit="block", leave=False,
+                   disable=not progress or None):
+        q = q_all[q0:q0 + block]
+        for r0 in range(q0 if same_set else 0, len(r_all), chunk_size):
+            sims = q @ r_all[r0:r0 + chunk_size].T
+            rows, cols = torch.nonzero(sims >= threshold, as_tuple=True)
+            for i, j, value in zip((rows + q0).tolist(), (cols + r0).tolist(), sims[rows, cols].tolist()):
+                if not (same_set and j <= i):
+                    found.append((i, j, value))
     return sorted(found)
 
 
