@@ -108,16 +108,23 @@ def run_trial(study: optuna.Study, trial: optuna.trial.Trial, ctx: SearchContext
     return outcome
 
 
-def run_baselines(bstudy: optuna.Study, ctx: SearchContext) -> None:
-    """Take queued baselines until none is left; another worker may take some of them."""
-    settings = ctx.settings
-    while bstudy.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        trial = bstudy.ask()
-        name = bstudy.get_trials(deepcopy=False)[trial.number].user_attrs.get(BASELINE_ATTR)
+def take_queued(study: optuna.Study, attr: str, what: str):
+    """Yield (trial, name) for each queued trial this worker takes, until none is left; another worker may take
+    some of them. ``attr``: the user attribute that names a queued trial."""
+    while study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        trial = study.ask()
+        name = study.get_trials(deepcopy=False)[trial.number].user_attrs.get(attr)
         if name is None:
-            # The last queued baseline went to another worker between the check and the ask.
-            st.discard_surplus(bstudy, trial, "no baseline left to run")
+            # The last queued one went to another worker between the check and the ask.
+            st.discard_surplus(study, trial, f"no {what} left to run")
             continue
+        yield trial, name
+
+
+def run_baselines(bstudy: optuna.Study, ctx: SearchContext) -> None:
+    """Take queued baselines until none is left."""
+    settings = ctx.settings
+    for trial, name in take_queued(bstudy, BASELINE_ATTR, "baseline"):
         candidate = baseline_candidate(name, settings, ctx.pipe.unet)
         run_trial(bstudy, trial, ctx, candidate, baseline_dir(settings.out_dir, name), early_stop=False,
                   keep_adapter=False, label=LABELS.get(name, name))
@@ -128,12 +135,7 @@ def run_followups(fstudy: optuna.Study, ctx: SearchContext, storage) -> None:
     from .followups import FOLLOWUP_ATTR, followup_candidate, followup_dir, label
 
     settings = ctx.settings
-    while fstudy.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        trial = fstudy.ask()
-        name = fstudy.get_trials(deepcopy=False)[trial.number].user_attrs.get(FOLLOWUP_ATTR)
-        if name is None:
-            st.discard_surplus(fstudy, trial, "no follow-up left to run")
-            continue
+    for trial, name in take_queued(fstudy, FOLLOWUP_ATTR, "follow-up"):
         try:
             candidate, how = followup_candidate(settings, storage, ctx.pipe.unet, name)
         except MaskError as err:  # no random mask fits this space: that control fails, with its reason
