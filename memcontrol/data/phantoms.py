@@ -1,4 +1,4 @@
-"""Chest-radiograph phantoms: the ground-truth world of the bundled default (DESIGN.md section 4).
+"""Chest-radiograph phantoms: the ground-truth world of the bundled default.
 
 Each synthetic patient is one seed. The seed fixes the anatomy (body outline, lungs and diaphragm domes, heart,
 mediastinum, spine, ribs, clavicles, lung markings), the findings (nodule, pleural effusion, cardiomegaly, with

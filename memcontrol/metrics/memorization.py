@@ -1,4 +1,4 @@
-"""Memorization metrics on generated images against the training set (DESIGN.md section 3).
+"""Memorization metrics on generated images against the training set. Definitions follow the README's "The checks".
 
 * Copy detection (Somepalli et al. 2023; Carlini et al. 2023): the cosine similarity of each generated image's
   features to its nearest training image; a copy when it exceeds tau. Reports the fraction of copies, the mean and
