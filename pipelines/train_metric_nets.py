@@ -11,16 +11,7 @@
 - ``copy_detector`` (``data/metric_nets/copy_detector``): 64 features compared by cosine similarity, trained with
   InfoNCE (NT-Xent, temperature 0.1). Positives: the same patient re-acquired (``memcontrol.data.reacquire``:
   positioning and exposure re-drawn; chest) and augmented (exposure, blur, noise, random erasing, collimation-like
-  borders, tube-like lines, marker-like squares, small shifts, zooms and rotations); negatives: the other patients
-  of the batch. What a copy looks like decides the positives. A generated copy is a model's output: drawn through
-  its VAE (the base VAE redraws a private-site film with an RMS error of 0.33, more than the distance between two
-  patients), blurred and noised by the sampler, its anatomy drifting slightly, in the private site's film style
-  (portable AP, collimation, marker, support devices). So each public chest patient is also rendered as the
-  private site would film it (``--site-variants`` films: the site's own style and devices drawn from the public
-  patient's seed, the first as taken, the others re-acquired), and the first ``--vae-patients`` of them have that
-  film redrawn by the base model's VAE (``--base-model``, encoded and decoded once, before training); in half of
-  the pairs of such a patient, one side is the VAE's redrawing, the other a plain film. Still public patients only:
-  the private site's style is drawn from public seeds, and no private or held-out patient is rendered.
+  borders, tube-like lines, marker-like squares); negatives: the other patients of the batch.
 
 Both use the public seeds of ``memcontrol.data.cohorts`` (the cohort the base model was pretrained on): the first
 ``--patients`` per modality for training, the next ``--eval-patients`` (public, never trained on) for the accuracy
@@ -46,8 +37,8 @@ sys.path.insert(0, str(REPO))
 
 from memcontrol.data.brain_phantoms import render_brain_phantoms  # noqa: E402
 from memcontrol.data.cohorts import SEEDS  # noqa: E402
-from memcontrol.data.phantoms import describe_patient, patient_seeds, render_patients, render_phantoms  # noqa: E402
-from memcontrol.data.reacquire import reacquire, rerender  # noqa: E402
+from memcontrol.data.phantoms import describe_patient, patient_seeds, render_phantoms  # noqa: E402
+from memcontrol.data.reacquire import rerender  # noqa: E402
 from memcontrol.metrics.metric_nets import MetricNet, MetricNetConfig, save_metric_net, to_grey  # noqa: E402
 
 # Classification heads of the domain network: name -> number of classes. Labels that do not apply (a nodule's side
@@ -127,14 +118,8 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     y = (x + 1) / 2
     y = (u(0.85, 1.15)[:, None, None, None] * y + u(-0.08, 0.08)[:, None, None, None]).clamp(0, 1)
     y = y ** u(0.8, 1.25)[:, None, None, None]
-    # a sampler's copy drifts a little in place and size: small shifts (up to 1 px at 32), zooms and rotations
-    angle, scale, shift = u(-0.03, 0.03) * chance(0.5), 1 + u(-0.04, 0.04) * chance(0.5), u(-0.06, 0.06, n, 2)
-    theta = torch.stack([torch.stack([scale * angle.cos(), -scale * angle.sin(), shift[:, 0]], 1),
-                         torch.stack([scale * angle.sin(), scale * angle.cos(), shift[:, 1]], 1)], 1)
-    y = F.grid_sample(y, F.affine_grid(theta, list(y.shape), align_corners=False), padding_mode="border",
-                      align_corners=False)
-    y = gaussian_blur(y, u(0.0, 1.5) * chance(0.6))  # up to 3 px at the 64 px the images come at
-    y = y + u(0.0, 0.06)[:, None, None, None] * torch.randn(y.shape, generator=gen)
+    y = gaussian_blur(y, u(0.0, 1.0) * chance(0.6))  # up to 2 px at the 64 px the images come at
+    y = y + u(0.0, 0.04)[:, None, None, None] * torch.randn(y.shape, generator=gen)
     rows, cols = torch.arange(h)[None, :, None], torch.arange(w)[None, None, :]
     for p, fill in ((0.25, "erase"), (0.3, "border"), (0.3, "line"), (0.3, "marker")):
         on = chance(p)[:, None, None]
@@ -166,32 +151,6 @@ def copy_views(seeds: list[int], size: int, variants: int, seed: int) -> torch.T
     chest = [render_phantoms(seeds, RENDER_SIZE)[0]] + [rerender(seeds, rng, RENDER_SIZE)
                                                         for _ in range(variants - 1)]
     return torch.stack([to_tensor(c, size) for c in chest])
-
-
-def private_site_views(seeds: list[int], size: int, variants: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
-    """V x N x 1 x size x size: each public chest patient filmed as the private site films (its protocol, marker
-    and devices, drawn from the public patient's seed), the first as taken, the others re-acquired; and the films
-    as taken at RENDER_SIZE (N x H x W in [0, 1]), for the VAE."""
-    rng = np.random.default_rng([seed, 1])
-    patients = [describe_patient(int(s), "private") for s in seeds]
-    films = [render_patients(patients, RENDER_SIZE)]
-    films += [render_patients([reacquire(p, rng) for p in patients], RENDER_SIZE) for _ in range(variants - 1)]
-    return torch.stack([to_tensor(f, size) for f in films]), films[0]
-
-
-def vae_redrawn(films: np.ndarray, base_model: Path, size: int) -> torch.Tensor:
-    """N x 1 x size x size: each film (N x H x W in [0, 1]) encoded and decoded by the base model's VAE, as the
-    model draws it; the latent means, so the result is deterministic."""
-    from tqdm import tqdm
-
-    from memcontrol.metrics.ground_truth import through_vae
-    from memcontrol.models import load_pipeline
-
-    vae = load_pipeline(str(base_model), device="cpu", option="--base-model").vae
-    channels = vae.config.in_channels
-    x = torch.from_numpy(films).unsqueeze(1).expand(-1, channels, -1, -1) * 2 - 1
-    out = [to_grey(through_vae(vae, x[i:i + 64]), size) for i in tqdm(range(0, len(x), 64), desc="VAE redrawing")]
-    return torch.cat(out)
 
 
 # --------------------------------------------------------------------------------------------------- training
@@ -329,13 +288,6 @@ def train_copy_detector(args, train, evaluation) -> tuple[MetricNet, dict]:
     n_chest = len(chest_seeds)
     print(f"re-acquiring {n_chest} chest patients {args.variants - 1} times", flush=True)
     views = copy_views(chest_seeds, args.size, args.variants, args.seed)
-    if args.site_variants:
-        print(f"filming them at the private site's style {args.site_variants} times; the first {args.vae_patients} "
-              f"redrawn by the base model's VAE", flush=True)
-        site, films = private_site_views(chest_seeds, args.size, args.site_variants, args.seed)
-        views = torch.cat([views, site])
-        redrawn = vae_redrawn(films[:args.vae_patients], args.base_model, args.size) if args.vae_patients else None
-    n_views, n_redrawn = len(views), len(redrawn) if args.site_variants and args.vae_patients else 0
     torch.manual_seed(args.seed)
     net = MetricNet(MetricNetConfig("copy_detector", size=args.size))
     gen = torch.Generator().manual_seed(args.seed + 1)
@@ -343,16 +295,12 @@ def train_copy_detector(args, train, evaluation) -> tuple[MetricNet, dict]:
 
     def batch_loss():
         idx = torch.randperm(len(images), generator=gen)[:half]
-        pick = torch.randint(0, n_views, (2, half), generator=gen)
-        # one side of half the pairs of a patient the VAE redrew is its redrawing: a generated copy against a record
-        use_vae = (idx < n_redrawn) & (torch.rand(half, generator=gen) < 0.5)
+        pick = torch.randint(0, args.variants, (2, half), generator=gen)
         pairs = []
         for v in range(2):
             x = images[idx].clone()
             chest = idx < n_chest
             x[chest] = views[pick[v, chest], idx[chest]]
-            if v == 1 and use_vae.any():
-                x[use_vae] = redrawn[idx[use_vae]]
             pairs.append(augment(x, gen))
         return nt_xent(net(pairs[0]), net(pairs[1]), args.temperature)
 
@@ -373,12 +321,6 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--recon-weight", type=float, default=1.0, help="domain: weight of the reconstruction loss")
     ap.add_argument("--variants", type=int, default=4, help="copy detector: acquisitions per chest patient")
-    ap.add_argument("--site-variants", type=int, default=2,
-                    help="copy detector: films per public chest patient in the private site's style (0: none)")
-    ap.add_argument("--vae-patients", type=int, default=1024,
-                    help="copy detector: public chest patients whose private-site film the base VAE redraws")
-    ap.add_argument("--base-model", type=Path, default=REPO / "data" / "base_model",
-                    help="copy detector: the model whose VAE redraws the films")
     ap.add_argument("--temperature", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -403,10 +345,7 @@ def main(argv=None) -> int:
         if kind == "domain":
             provenance["recon_weight"] = args.recon_weight
         else:
-            provenance.update(variants=args.variants, temperature=args.temperature, site_variants=args.site_variants,
-                              vae_patients=args.vae_patients if args.site_variants else 0,
-                              base_model=str(Path(args.base_model).resolve().relative_to(REPO))
-                              if Path(args.base_model).resolve().is_relative_to(REPO) else "given")
+            provenance.update(variants=args.variants, temperature=args.temperature)
         save_metric_net(net, args.out / kind, provenance)
         print(json.dumps(provenance, indent=2), flush=True)
     return 0
