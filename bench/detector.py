@@ -8,7 +8,8 @@ private cohort with the quickstart's training settings (``--config``'s ``train``
 baseline's learning rate), one sample per private patient's report (``sampling`` settings: sampler, steps, guidance)
 at each of ``--checkpoints`` steps of each run (``--seeds``: training seed, also the sampling seed), at the last
 checkpoint also with each of ``--final-seeds``, and the un-tuned base model's samples (step 0). Every sample set is
-kept in ``--out`` (a rerun reads them back), and so is each run's last UNet
+kept in ``--out`` (a rerun reads them back; ``--saved-only`` scores only those, e.g. a new detector, and never
+fine-tunes), and so is each run's last UNet
 (``unet-run{seed}-step{last}.safetensors``, for ``bench/hospital_gap.py --unet``). Two planted sets stand beside
 them: each private patient's image through the model's VAE (encoded and decoded: what a model that reproduces its
 training image exactly draws) and ``--planted`` held-out patients through the VAE (faithful images of patients it
@@ -124,6 +125,13 @@ def checkpoint_samples(settings, pipe, dataset, seeds, checkpoints, final_seeds,
     return found
 
 
+def sample_paths(out: Path, seeds, checkpoints, final_seeds) -> list[Path]:
+    """The sample set files a run of these seeds and checkpoints keeps in ``out`` (base model's included)."""
+    wanted = {(seeds[0], 0, seeds[0])} | {(seed, step, seed) for seed in seeds for step in checkpoints}
+    wanted |= {(seed, checkpoints[-1], s) for seed in seeds for s in final_seeds}
+    return [out / f"samples-run{seed}-step{step}-seed{s}.safetensors" for seed, step, s in sorted(wanted)]
+
+
 def _gcd(values) -> int:
     import math
 
@@ -148,7 +156,15 @@ def main(argv=None) -> int:
                     help="held-out patients through the VAE, planted beside the private records through the VAE")
     ap.add_argument("--detectors", nargs="+", default=DETECTORS, help="embedder specs (JSON)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    ap.add_argument("--saved-only", action="store_true",
+                    help="score the sample sets already in --out (e.g. with a new --detectors spec) and never "
+                         "fine-tune: a missing one is an error")
     args = ap.parse_args(argv)
+    if args.saved_only:
+        missing = [p.name for p in sample_paths(args.out, args.seeds, sorted(args.checkpoints), args.final_seeds)
+                   if not p.is_file()]
+        if missing:
+            ap.error(f"--saved-only: {args.out} lacks {', '.join(missing)} (run without --saved-only to make them)")
 
     from memcontrol.config import feature_spec, load_config
     from memcontrol.metrics import build_embedder
