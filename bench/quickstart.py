@@ -1,13 +1,15 @@
-"""The main job, timed and checked against the truth: `memcontrol search --config configs/quickstart.yaml`.
+"""The main job, timed, with its claim and the detector checked against the truth.
 
-    python bench/quickstart.py                       # runs the job into a fresh temporary folder
-    python bench/quickstart.py --run runs/quickstart # only reads a finished run (of --config)
+    python bench/quickstart.py                                  # runs configs/quickstart.yaml into a temporary folder
+    python bench/quickstart.py --run runs/quickstart            # only reads a finished run (of --config)
+    python bench/quickstart.py --config configs/paper.yaml --run runs/paper     # the headline table
 
-Prints the wall time and, for full fine-tuning, each baseline and the selected mask: copy rate (share of samples
-whose nearest private patient is above the config's tau in its feature space), the private patients copied, mean
-nearest-neighbour similarity, quality (FD and KID on the config's features, from samples of held-out captions),
-trainable share and steps. Every figure carries its 95% interval: Wilson for rates (copy rate, precision, recall),
-a bootstrap over the generated samples for the others (the search's own intervals, from trials.csv).
+Prints the wall time, then the claim (``memcontrol.search.claim``, also written by the search to OUT/claim.md): every
+run's copy rate (share of memorization samples above the config's tau, Wilson 95%) and quality (FD to the held-out
+reference, bootstrap 95% over generated samples); the share of the base model's quality gap full fine-tuning closes
+(the floor: as many further real patients of the private site, rendered in memory, never in the reference); the
+quality gain the chosen candidate recovers, (Q_base - Q_chosen) / (Q_base - Q_full), from its re-evaluation on fresh
+seeds; the copy rate it cuts; and the verdict against every other row (controls, baselines, published mitigations).
 
 Then the detector against the truth. Every phantom patient's anatomy comes from its seed, so whether a sample truly
 copies a private patient is known from identity (``memcontrol.metrics.ground_truth``): its nearest image in pixels,
@@ -33,8 +35,17 @@ sys.path.insert(0, str(REPO))
 
 
 def load_rows(run: Path) -> list[dict]:
-    with open(run / "trials.csv", newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
+    """Every run of the study: trials.csv (baselines, base model, trials), then controls.csv (the re-evaluation and
+    the controls), each folder once."""
+    rows, seen = [], set()
+    for name in ("trials.csv", "controls.csv"):
+        if (run / name).is_file():
+            with open(run / name, newline="", encoding="utf-8") as fh:
+                for r in csv.DictReader(fh):
+                    if r["folder"] not in seen:
+                        seen.add(r["folder"])
+                        rows.append(r)
+    return rows
 
 
 def real_images(settings, others: int):
@@ -93,29 +104,22 @@ def score_runs(run: Path, rows: list[dict], settings, images) -> dict:
     return scored
 
 
-def base_model_row(settings) -> dict:
-    """The un-tuned base model, sampled and measured exactly as every run is: the reference both objectives start
-    from."""
-    from memcontrol.config.devices import resolve_device
-    from memcontrol.search.context import build_context
-    from memcontrol.search.objectives import measure, sample
+def floor_features(settings, n: int):
+    """Quality features of ``n`` real patients of the private site that are in no cohort on disk (rendered from
+    their seeds): what a model drawing the site perfectly would score with as many samples."""
+    import torch
 
-    ctx = build_context(settings, resolve_device(settings.model["device"], 0))
-    metrics, _ = measure(settings, ctx.references, sample(settings, ctx.pipe, ctx.sample_prompts),
-                         sample(settings, ctx.pipe, ctx.quality_prompts))
-    return {"label": "base model, not fine-tuned", "chosen": "False", "trainable_percent": 0, "steps": 0,
-            "step_budget": 0, "folder": None, **metrics}
+    from memcontrol.data.cohorts import private_site_heldout
+    from memcontrol.data.transforms import to_model_tensor
+    from memcontrol.metrics import build_embedder
+    from memcontrol.models import load_pipeline
 
-
-def num(row: dict, key: str, spec: str) -> str:
-    """A figure of a trials.csv row (or of a metrics dict) with its 95% interval."""
-    from memcontrol.metrics.intervals import format_interval
-
-    def get(name):
-        value = row.get(name)
-        return None if value in (None, "") else float(value)
-
-    return format_interval(get(key), get(f"{key}_ci_low"), get(f"{key}_ci_high"), spec)
+    spec = settings.objectives["quality"]["features"]
+    pipe = load_pipeline(settings.model["path"], option="model.path")
+    resolution = settings.data["resolution"]
+    rendered, _ = private_site_heldout(n, resolution)
+    images = torch.stack([to_model_tensor(im, resolution, 3) for im in rendered])
+    return build_embedder(spec, pipe=pipe).embed(images).double().numpy()
 
 
 def rate(hits: int, n: int) -> str:
@@ -132,10 +136,15 @@ def main(argv=None) -> int:
     ap.add_argument("--run", type=Path, default=None, help="a finished run folder to read instead of running")
     ap.add_argument("--others", type=int, default=4000,
                     help="patients of the private site rendered as the identity truth's other patients")
+    ap.add_argument("--json", type=Path, default=None, help="also write the claim's figures here")
     args = ap.parse_args(argv)
 
     from memcontrol.config import load_config
     from memcontrol.metrics.ground_truth import chance_rate, precision_recall
+    from memcontrol.search.claim import compute, load_reference
+    from memcontrol.search.objectives import quality_name
+    from memcontrol.search.results import collect
+    from memcontrol.search.run import open_search_storage
     from memcontrol.search.settings import load_settings
 
     run, seconds = args.run, None
@@ -146,36 +155,35 @@ def main(argv=None) -> int:
                         "--out", str(run)], check=True, cwd=REPO)
         seconds = time.perf_counter() - start
     settings = load_settings(load_config(args.config), run)
-    rows = load_rows(run)
-    images = real_images(settings, args.others)
-    scored = score_runs(run, rows, settings, images)
-    n_patients = len(set(images[1]))
+    results = collect(settings, open_search_storage(settings))
+    reference = load_reference(run)
+    if reference is None:
+        raise SystemExit(f"{run}: no quality_reference.safetensors (a run made before the claim's figures were kept)")
+    n_quality = settings.sampling["quality_prompts"] * settings.sampling["per_prompt"]
+    claim = compute(results, settings, reference, floor_features(settings, n_quality))
 
     print(f"run folder: {run}")
     if seconds is not None:
         print(f"wall time of the search (start to report): {seconds / 60:.1f} min")
     print()
-    print("| run | copy rate | patients copied | mean NN similarity | FD | KID | trainable % | steps "
-          "| true copies | detector precision | detector recall |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    picked = [r for r in rows if r["kind"] == "baseline"] + [r for r in rows if r["chosen"] == "True"]
-    picked.append(base_model_row(settings))
-    for r in picked:
-        label = r["label"] + (" (selected)" if r["chosen"] == "True" else "")
-        if r["folder"] in scored:
-            truth, detected = scored[r["folder"]]
-            pr = precision_recall(detected, truth)
-            copied = f"{len({d for d in detected if d is not None})}/{n_patients}"
-            truth_cols = f"{pr['true_copies']}/{len(truth)} | {rate(pr['true_positives'], pr['detected'])} | " \
-                         f"{rate(pr['true_positives'], pr['true_copies'])}"
-        else:
-            copied, truth_cols = "-", "- | - | -"
-        print(f"| {label} | {num(r, 'copy_fraction', '.0%')} | {copied} | "
-              f"{num(r, 'mean_similarity', '.3f')} | {num(r, 'fd', '.3f')} | {num(r, 'kid', '.2g')} | "
-              f"{num(r, 'trainable_percent', '.2f')} | {r['steps']}/{r['step_budget']} | {truth_cols} |")
-    print("[95% intervals: Wilson for rates; bootstrap over the generated samples, the reference images fixed, "
-          "for the others]")
+    print(claim.to_markdown(quality_name(settings)))
+    if args.json:
+        args.json.write_text(json.dumps(claim.to_dict(), indent=1) + "\n")
+
+    rows = load_rows(run)
+    images = real_images(settings, args.others)
+    scored = score_runs(run, rows, settings, images)
+    n_patients = len(set(images[1]))
     print()
+    print("| run | true copies | detector precision | detector recall |")
+    print("|---|---|---|---|")
+    for r in rows:
+        if r["folder"] not in scored:
+            continue
+        truth, detected = scored[r["folder"]]
+        pr = precision_recall(detected, truth)
+        print(f"| {r['label']} | {pr['true_copies']}/{len(truth)} | {rate(pr['true_positives'], pr['detected'])} | "
+              f"{rate(pr['true_positives'], pr['true_copies'])} |")
     truth = [t for tr, _ in scored.values() for t in tr]
     detected = [d for _, de in scored.values() for d in de]
     pooled = precision_recall(detected, truth)

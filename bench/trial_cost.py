@@ -109,7 +109,7 @@ def reference_style(settings, cands, refs, quality_prompts) -> tuple[float, list
         if result.status == "ok":
             tuned = pipeline_with_unet(pipe, result.applied.unet)
             samples = sample(settings, tuned, _prompts(train, settings))
-            metrics, _ = measure(settings, refs, samples, sample(settings, tuned, quality_prompts))
+            metrics, _, _ = measure(settings, refs, samples, sample(settings, tuned, quality_prompts))
             row.update(memorization=metrics["memorization"], quality=metrics["quality"])
         row["seconds"] = time.perf_counter() - t0
         rows.append(row)

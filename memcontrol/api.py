@@ -38,6 +38,7 @@ class SearchResult:
     pareto_csv: Path              # OUT/pareto.csv
     stopped_workers: list = field(default_factory=list)
     first_failure: str | None = None  # "label: reason" of the first failed trial
+    claim: str | None = None      # OUT/claim.md: gain recovered, copy rate cut, verdicts against every other row
 
     @property
     def problem(self) -> str | None:
@@ -95,7 +96,8 @@ def search(config, out, *, storage: str | None = None, n_trials: int | None = No
         counts=results.counts(), budget=settings.n_trials, table=outputs.table, best=outputs.best,
         report=outputs.report,
         trials_csv=settings.out_dir / "trials.csv", pareto_csv=settings.out_dir / "pareto.csv",
-        stopped_workers=list(outputs.stopped_workers), first_failure=results.first_failure())
+        stopped_workers=list(outputs.stopped_workers), first_failure=results.first_failure(),
+        claim=outputs.claim)
     if check and result.problem:
         raise MemcontrolError(result.problem)
     return result

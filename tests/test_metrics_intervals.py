@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from scipy.stats import norm
 
-from memcontrol.metrics.intervals import (bootstrap_indices, interval, paired, resampled_frechet, resampled_mean,
+from memcontrol.metrics.intervals import (bootstrap_indices, interval, paired, rate_difference, rate_ratio_cut,
+                                          resampled_frechet, resampled_mean,
                                           resampled_mmd2, wilson)
 from memcontrol.metrics.quality import frechet_distance, frechet_from_stats, gaussian_stats
 
@@ -123,3 +124,30 @@ def test_two_stage_resampling_keeps_each_drawn_seed_together():
     assert len({tuple(row) for row in blocks[:, :, 0]}) > 1 and (blocks[:, :, 0] == blocks[:, :1, 0]).any()
     with pytest.raises(ValueError, match="unequal"):
         bootstrap_indices(5, 10, groups=[0, 0, 0, 1, 1])
+
+
+@pytest.mark.parametrize("p1, p2", [(0.35, 0.05), (0.2, 0.2)])
+def test_rate_difference_covers_the_true_difference_of_two_rates(p1, p2):
+    # Small counts, as a run's copy rate is (32 samples), one rate near 0: where a bootstrap would be degenerate.
+    rng = np.random.default_rng(5)
+    hits = 0
+    for _ in range(1000):
+        k1, k2 = rng.binomial(32, p1), rng.binomial(32, p2)
+        iv = rate_difference(k1, 32, k2, 32)
+        assert iv.low <= iv.value <= iv.high and iv.value == pytest.approx(k1 / 32 - k2 / 32)
+        hits += iv.low <= p1 - p2 <= iv.high
+    assert COVERAGE_BAND[0] <= hits / 1000 <= 0.995, hits / 1000
+
+
+def test_rate_ratio_cut_covers_the_true_cut_and_widens_zero_copies():
+    rng = np.random.default_rng(6)
+    p_ref, p_new, hits, reps = 0.4, 0.04, 0, 300
+    for _ in range(reps):
+        k_ref, k_new = rng.binomial(32, p_ref), rng.binomial(32, p_new)
+        iv = rate_ratio_cut(k_new, 32, k_ref, 32, draws=4000, seed=int(rng.integers(1 << 30)))
+        hits += iv.low <= 1 - p_new / p_ref <= iv.high
+    assert COVERAGE_BAND[0] <= hits / reps <= 0.995, hits / reps
+    # 0 copies of 32 against 12 of 32 is a cut of 100%, but not a certain one: the interval reaches well below.
+    iv = rate_ratio_cut(0, 32, 12, 32)
+    assert iv.value == 1.0 and iv.high <= 1.0 and iv.low < 0.95
+    assert math.isnan(rate_ratio_cut(0, 32, 0, 32).value)   # nothing to cut

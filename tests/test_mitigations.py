@@ -144,7 +144,7 @@ def test_wen_lowers_the_noise_norm_and_the_sampler_uses_the_adjusted_embedding()
 def test_a_search_reports_the_mitigation_baselines_with_intervals(tmp_path, tiny_pipe_dir, search_data):
     from memcontrol.cli import main
 
-    methods = ["full_ft", "full_ft_random_insert", "full_ft_wen"]
+    methods = ["full_ft", "full_ft_random_insert", "full_ft_wen", "full_ft_dedup"]
     cfg = cheap_search_config(tiny_pipe_dir, search_data, search={"n_trials": 1},
                               baselines={"enabled": True, "methods": methods,
                                          "captions": {"p": 0.5}, "wen": {"starts": 1, "steps": 3}})
@@ -153,7 +153,8 @@ def test_a_search_reports_the_mitigation_baselines_with_intervals(tmp_path, tiny
     assert main(argv) == 0
     rows = {r["label"]: r for r in csv.DictReader(open(out / "trials.csv")) if r["kind"] == "baseline"}
     labels = {"full_ft": "full fine-tuning", "full_ft_random_insert": "full FT + random token insertion",
-              "full_ft_wen": "full FT + Wen et al. inference mitigation"}
+              "full_ft_wen": "full FT + Wen et al. inference mitigation",
+              "full_ft_dedup": "full FT on de-duplicated data"}
     assert set(rows) == set(labels.values())
     for row in rows.values():
         assert row["state"] == "complete"
@@ -166,9 +167,21 @@ def test_a_search_reports_the_mitigation_baselines_with_intervals(tmp_path, tiny
     assert float(wen["train_seconds"]) == 0.0 and wen["steps"] == full["steps"] == "4"
     assert len(list((out / "baselines" / "_trained").glob("*.safetensors"))) == 1
     assert float(wen["wen_norm_end"]) <= float(wen["wen_norm_start"])
+    # The cohort holds one patient twice (7 records): de-duplication trains on the other 6.
+    assert rows[labels["full_ft_dedup"]]["train_records"] == "6"
+    assert "train_records" not in full or full["train_records"] == ""
     candidate = json.loads((out / "baselines" / "full_ft_random_insert" / "candidate.json").read_text())
     assert candidate["train"]["caption_mitigation"] == {"p": 0.5, "tokens": None, "sigma": 0.1,
                                                         "kind": "random_insert"}
+    # The claim is written against full fine-tuning, with a verdict for every other row.
+    claim = json.loads((out / "claim.json").read_text())
+    runs = {r["label"] for r in claim["runs"]}
+    assert {"base model, not fine-tuned", "full fine-tuning"} <= runs and claim["chosen"] in runs
+    assert {c["label"] for c in claim["comparisons"]} == set(labels.values())
+    for c in claim["comparisons"]:
+        assert {c["copy"], c["quality"]} <= {"better", "worse", "no different"}
+        assert c["quality_difference"]["low"] <= c["quality_difference"]["high"]
+    assert "full fine-tuning" in (out / "claim.md").read_text()
     # A rerun finds every row done and recomputes nothing.
     stamp = {p: p.stat().st_mtime_ns for p in (out / "baselines").rglob("metrics.json")}
     assert main(argv) == 0

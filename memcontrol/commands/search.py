@@ -41,6 +41,8 @@ def run(args) -> int:
               f"chosen: {result.chosen.label}: {selection.explanation}")
     else:
         print("no trial finished with both metrics within the limits: nothing to export")
+    if result.claim:
+        print(f"\nthe claim (OUT/claim.md):\n{result.claim}\n")
     if result.best is not None:
         print(f"{'no adapter (see README.txt)' if selection.do_not_finetune else 'exported adapter'}: {result.best}")
     print(f"report: {result.report}")

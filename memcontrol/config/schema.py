@@ -29,7 +29,7 @@ QUALITY_METRICS = ("fd", "kid")
 # The last four are published mitigations applied to full fine-tuning (``memcontrol.mitigations``): not run unless
 # asked for, since each costs a baseline's training or sampling again.
 BASELINES = ("full_ft", "lora_attention", "bitfit_norm", "full_ft_random_replace", "full_ft_random_insert",
-             "full_ft_embedding_noise", "full_ft_wen")
+             "full_ft_embedding_noise", "full_ft_wen", "full_ft_dedup")
 DEFAULT_BASELINES = BASELINES[:3]
 SEARCH_SAMPLERS = ("nsga2", "tpe", "random")
 SPACE_PRESETS = ("reference", "extended")

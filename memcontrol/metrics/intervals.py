@@ -71,6 +71,30 @@ def wilson(successes: int, n: int, level: float = LEVEL) -> Interval:
     return Interval(p, max(0.0, centre - half), min(1.0, centre + half))
 
 
+def rate_difference(k1: int, n1: int, k2: int, n2: int, level: float = LEVEL) -> Interval:
+    """Interval of the difference of two independent rates k1/n1 - k2/n2 (Newcombe's hybrid score interval, from
+    the two Wilson intervals): it stays informative at 0 of n, where a bootstrap of a rate is degenerate."""
+    a, b = wilson(k1, n1, level), wilson(k2, n2, level)
+    d = a.value - b.value
+    low = d - math.sqrt((a.value - a.low) ** 2 + (b.high - b.value) ** 2)
+    high = d + math.sqrt((a.high - a.value) ** 2 + (b.value - b.low) ** 2)
+    return Interval(d, max(-1.0, low), min(1.0, high))
+
+
+def rate_ratio_cut(k_new: int, n_new: int, k_ref: int, n_ref: int, level: float = LEVEL, draws: int = 20000,
+                   seed: int = 0) -> Interval:
+    """How much a rate was cut, 1 - (k_new/n_new) / (k_ref/n_ref), with the equal-tailed interval of that figure under
+    independent Jeffreys posteriors Beta(k + 1/2, n - k + 1/2) of the two rates (a bootstrap cannot widen 0 of n)."""
+    if n_new == 0 or n_ref == 0 or k_ref == 0:
+        return Interval(math.nan, math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    new = rng.beta(k_new + 0.5, n_new - k_new + 0.5, draws)
+    ref = rng.beta(k_ref + 0.5, n_ref - k_ref + 0.5, draws)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(1 - new / ref, [tail, 100 - tail])
+    return Interval(1 - (k_new / n_new) / (k_ref / n_ref), float(low), float(high))
+
+
 def bootstrap_indices(n: int, resamples: int = RESAMPLES, seed: int = 0, groups=None) -> np.ndarray:
     """A ``resamples`` x n matrix of sample positions drawn with replacement.
 

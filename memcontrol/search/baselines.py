@@ -2,8 +2,9 @@
 (``train.steps``), samples and metrics: full fine-tuning, LoRA on all attention blocks, and bias/norm tuning; and,
 when ``baselines.methods`` asks for them, published mitigations applied to full fine-tuning: Somepalli et al.'s
 training-time caption randomisation (``full_ft_random_replace``, ``full_ft_random_insert``,
-``full_ft_embedding_noise``: strengths in ``baselines.captions``) and Wen et al.'s inference-time prompt-embedding
-adjustment (``full_ft_wen``: ``baselines.wen``). The Wen row samples from the very model the ``full_ft`` row trained
+``full_ft_embedding_noise``: strengths in ``baselines.captions``), Wen et al.'s inference-time prompt-embedding
+adjustment (``full_ft_wen``: ``baselines.wen``) and de-duplication of the training set (``full_ft_dedup``: one
+record per near-duplicate group, found as ``data_audit`` finds them, at the same step budget). The Wen row samples from the very model the ``full_ft`` row trained
 (``shared_training``, when both rows are asked for): whichever of the two runs first saves it, the other loads
 it.
 
@@ -31,7 +32,8 @@ LABELS = {"full_ft": "full fine-tuning", "lora_attention": "LoRA on all attentio
           "full_ft_random_replace": "full FT + random caption replacement",
           "full_ft_random_insert": "full FT + random token insertion",
           "full_ft_embedding_noise": "full FT + text-embedding noise",
-          "full_ft_wen": "full FT + Wen et al. inference mitigation"}
+          "full_ft_wen": "full FT + Wen et al. inference mitigation",
+          "full_ft_dedup": "full FT on de-duplicated data"}
 CAPTION_ROWS = {"full_ft_random_replace": "random_replace", "full_ft_random_insert": "random_insert",
                 "full_ft_embedding_noise": "embedding_noise"}
 # Rows that sample from another row's trained model: they share its training instead of repeating it.
@@ -78,6 +80,7 @@ def baseline_candidate(name: str, settings: SearchSettings, unet) -> Candidate:
             candidate.train["caption_mitigation"] = {**settings.baselines["captions"], "kind": CAPTION_ROWS[name]}
         if name == "full_ft_wen":
             candidate.inference = {"wen": dict(settings.baselines["wen"])}
+        candidate.deduplicated = name == "full_ft_dedup"
         methods = settings.baselines["methods"]
         # Saved for, or loaded from, a partner row only when that row is run too.
         candidate.shared_training = SAME_TRAINING.get(name) in methods or any(

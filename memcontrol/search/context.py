@@ -26,6 +26,24 @@ class SearchContext:
     progress: object = None       # memcontrol.search.progress.Progress of the worker, or None
     heldout_set: object = None    # the held-out ImageCaptionDataset
     screen_data: object = None    # memcontrol.search.fidelity.ScreenData, made by the first screened candidate
+    deduplicated: object = None   # the cached training set less its near-duplicates, made when first asked for
+
+    def training_data(self, deduplicated: bool = False):
+        """The cached training set, or (the de-duplication baseline) its records less near-duplicates and held-out
+        leaks, found with ``data_audit``'s features and threshold."""
+        if not deduplicated:
+            return self.cached
+        if self.deduplicated is None:
+            from ..data.duplicates import audit_datasets, deduplicate
+            from ..training.cache import subset_cached
+
+            audit, data = self.settings.data_audit, self.settings.data
+            found = audit_datasets(self.train_set, self.heldout_set, audit["features"], audit["threshold"],
+                                   audit["shared_patients"], data["cache_dir"], progress=False)
+            keep = deduplicate(found)
+            log.info("de-duplicated training set: %d of %d records kept", len(keep), len(self.cached))
+            self.deduplicated = subset_cached(self.cached, keep)
+        return self.deduplicated
 
     def adaptable_sites(self, family: str, granularity: str) -> set[str]:
         """The sites where ``family`` has something to train (LoRA has nothing in a norms site, for example)."""

@@ -53,9 +53,26 @@ def build_references(settings: SearchSettings, pipe, train_set, heldout) -> Refe
               if settings.memorization_metric == "distance_ratio_fraction" else None)
     cache = Path(settings.data["cache_dir"])
     heldout_features = cached_embed(qual_embedder, heldout, cache)
+    save_reference(heldout_features, qual_embedder.name, Path(settings.out_dir))
     stats = gaussian_stats(heldout_features) if len(heldout_features) >= 2 else None
     return References(mem_embedder, qual_embedder, cached_embed(mem_embedder, train_set, cache),
                       list(train_set.keys), heldout_features, stats, pixels)
+
+
+QUALITY_REFERENCE = "quality_reference.safetensors"
+
+
+def save_reference(features: torch.Tensor, embedder: str, out_dir: Path) -> None:
+    """The held-out images' quality features as ``OUT/quality_reference.safetensors``, what the runs' kept quality
+    features are compared with after the search (``memcontrol.search.claim``). Every worker writes the same
+    content; each writes a file of its own and renames it, so a reader never sees half a file."""
+    import os
+
+    from safetensors.torch import save_file
+
+    tmp = out_dir / f".{QUALITY_REFERENCE}.{os.getpid()}"
+    save_file({"features": features.float().contiguous()}, str(tmp), metadata={"embedder": embedder})
+    os.replace(tmp, out_dir / QUALITY_REFERENCE)
 
 
 def sample(settings: SearchSettings, pipe, prompts: list[str], inference: dict | None = None,
@@ -85,10 +102,11 @@ def with_interval(result: dict, key: str, name: str | None = None) -> dict:
 
 
 def measure(settings: SearchSettings, refs: References, samples: torch.Tensor,
-            quality_samples: torch.Tensor) -> tuple[dict, list]:
+            quality_samples: torch.Tensor) -> tuple[dict, list, torch.Tensor]:
     """Scalar metrics (``memorization`` and ``quality`` are the objectives), each with its 95% interval
-    (``<name>_ci_low``, ``<name>_ci_high``), and, per memorization sample, its nearest training item (index, key,
-    similarity) for the copy pairs of the report.
+    (``<name>_ci_low``, ``<name>_ci_high``); per memorization sample, its nearest training item (index, key,
+    similarity) for the copy pairs of the report; and the quality samples' features, kept so that figures comparing
+    runs (``memcontrol.search.claim``) can be resampled pairwise later.
 
     Memorization is measured on ``samples`` (from training captions), quality on ``quality_samples`` (from held-out
     captions). Rates get Wilson intervals; the other figures a bootstrap over the generated samples, the held-out
@@ -120,7 +138,7 @@ def measure(settings: SearchSettings, refs: References, samples: torch.Tensor,
     per_sample = copies["samples"]
     neighbours = [{"index": i, "key": k, "similarity": sim}
                   for i, k, sim in zip(per_sample["nn_index"], per_sample["nn_key"], per_sample["similarity"])]
-    return metrics, neighbours
+    return metrics, neighbours, gen_q
 
 
 def probe_embeddings(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

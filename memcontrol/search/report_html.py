@@ -55,6 +55,40 @@ def _selection_text(settings: SearchSettings, results: Results) -> str:
             "end of its quality interval is below the base model's quality.")
 
 
+def _pct(x: dict | None) -> str:
+    if x is None or x["value"] is None or x["value"] != x["value"]:
+        return "-"
+    if x["low"] is None or x["low"] != x["low"]:
+        return f"{x['value']:.0%}"
+    return f"{x['value']:.0%} [{x['low']:.0%}, {x['high']:.0%}]"
+
+
+def claim_section(rep, path: Path) -> None:
+    """The claim (``memcontrol.search.claim``, written beside the report as claim.json and claim.md), when the
+    search ran the base model and full fine-tuning."""
+    if not path.is_file():
+        return
+    claim = json.loads(path.read_text())
+    rep.add_heading("The claim: learns the site, does not copy its patients?")
+    rep.add_table([[c["what"], _pct(c["figure"]), c["target"],
+                    "shown" if c["shown"] else "met by the point value only" if c["met"] else "NOT met"]
+                   for c in claim["checks"]],
+                  columns=["figure", "value [95% CI]", "target", "state"],
+                  caption=f"The chosen candidate's figures: {claim['chosen_source']}. Quality gain recovered: "
+                          "(Q_base - Q_chosen) / (Q_base - Q_full); copy rate cut: 1 - rate_chosen / rate_full.")
+    if claim["comparisons"]:
+        def diff(x):
+            return f"{x['value']:.3g} [{x['low']:.3g}, {x['high']:.3g}]"
+
+        rep.add_table([[c["label"], f"{diff(c['copy_difference'])} ({c['copy']})",
+                        f"{diff(c['quality_difference'])} ({c['quality']})", "beats it" if c["beats"] else "does not"]
+                       for c in claim["comparisons"]],
+                      columns=["chosen against", "copy rate difference", "quality difference", "verdict"],
+                      caption="Chosen minus row: negative is better for the chosen candidate; 'no different' when "
+                              "the 95% interval holds 0. It beats a row when better on one objective and not worse "
+                              "on the other.")
+
+
 def _reevaluation_text(settings: SearchSettings, results: Results) -> str | None:
     again, chosen = results.reevaluation, results.chosen
     if again is None:
@@ -152,6 +186,7 @@ def write_report(settings: SearchSettings, results: Results, path: Path) -> Path
             rep.add_text(f"{spec['family']} {spec['family_params']}; training overrides {spec['train']}")
     if chosen is not None and _reevaluation_text(settings, results):
         rep.add_text(_reevaluation_text(settings, results))
+    claim_section(rep, settings.out_dir / "claim.json")
     if chosen is not None and results.controls:
         rep.add_heading("Controls: which sites, or how much training?")
         rep.add_table([_cells(r) for r in [chosen, *results.controls]], columns=ROW_HEADER,

@@ -38,6 +38,7 @@ class SearchOutputs:
     best: Path | None
     table: str
     stopped_workers: list[str]   # workers of this command that ended with an error
+    claim: str | None = None     # OUT/claim.md: the chosen candidate against full fine-tuning and the other rows
 
 
 def prepare_studies(settings: SearchSettings) -> None:
@@ -212,6 +213,7 @@ def retrain(settings: SearchSettings, number: int) -> Path:
 
 
 def finalize(settings: SearchSettings, stopped_workers: list[str] | None = None) -> SearchOutputs:
+    from .claim import write_claim
     from .report import comparison_table, plot_front_html, plot_front_png, write_csv
     from .report_html import write_report
 
@@ -226,8 +228,9 @@ def finalize(settings: SearchSettings, stopped_workers: list[str] | None = None)
     plot_front_html(results, settings, out / "pareto_front.html")
     prune_adapters(settings, results)
     best = export_best(settings, results)
+    claim = write_claim(settings, results)  # before the report, which shows it
     report = write_report(settings, results, out / "report.html")
-    return SearchOutputs(results, report, best, comparison_table(results, settings), stopped_workers or [])
+    return SearchOutputs(results, report, best, comparison_table(results, settings), stopped_workers or [], claim)
 
 
 def check_training_data(settings: SearchSettings) -> None:

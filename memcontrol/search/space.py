@@ -41,7 +41,8 @@ class Candidate:
     """What one trial trains: the sites switched on, the family and its hyperparameters, training overrides; and,
     for the mitigation baselines, an inference-time mitigation of its sampling (``inference``, e.g. ``{"wen": {...}}``)
     and whether its trained model is saved for, or loaded from, another trial with the same training
-    (``shared_training``: ``memcontrol.search.shared_training``)."""
+    (``shared_training``: ``memcontrol.search.shared_training``); and whether it trains on the de-duplicated
+    training set (``deduplicated``: one record per near-duplicate group, the de-duplication baseline)."""
     sites: list[str]
     granularity: str
     family: str
@@ -49,6 +50,7 @@ class Candidate:
     train: dict = field(default_factory=dict)
     inference: dict = field(default_factory=dict)
     shared_training: bool = False
+    deduplicated: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)

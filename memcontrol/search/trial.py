@@ -6,8 +6,9 @@ candidate itself (a non-finite loss or metric, a diverged run, out of memory, a 
 ``failed``: recorded, and the study goes on. Any other exception is a configuration or programming error that
 would fail every candidate alike: ``error``, on which the worker stops the study. Everything a trial produces goes
 to its folder: ``mask.json``, ``metrics.json`` (status, reason, metrics with their 95% intervals, compute),
-``samples/`` and ``samples.png`` (the memorization samples, from training captions; the quality samples, from
-held-out captions, are measured and not kept), ``error.txt`` (the traceback of an exception) and, when asked, the
+``samples/`` and ``samples.png`` (the memorization samples, from training captions), ``neighbours.json`` (each
+memorization sample's nearest training item), ``quality_features.safetensors`` (the features of the quality
+samples, from held-out captions: the images themselves are not kept), ``error.txt`` (the traceback of an exception) and, when asked, the
 trained ``adapter/`` in the export format.
 
 Two kinds of candidate skip training: the untuned base model (family ``none``), and a candidate evaluated again
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 OK, STOPPED, FAILED, ERROR = "ok", "stopped", "failed", "error"
 NO_TRAINING = "none"  # the family of the base model's candidate: nothing is trained
+QUALITY_FEATURES = "quality_features.safetensors"
 SCREENED = "screened"  # multi-fidelity: trained at the short budget and scored by the cheap proxies only
 
 
@@ -173,13 +175,16 @@ def _evaluate(ctx, settings, candidate, folder, early_stop, keep_adapter, progre
     if reporter is not None:
         reporter.phase("train", cfg.steps)
     reused = load_shared(ctx, candidate, cfg) if candidate.shared_training else None
-    result = reused or finetune(ctx.pipe, mask, ctx.cached, cfg, callback=stopper,
+    data = ctx.training_data(candidate.deduplicated)
+    result = reused or finetune(ctx.pipe, mask, data, cfg, callback=stopper,
                                 callback_every=settings.early_stop["every"] if stopper else 0, progress=progress,
                                 on_step=reporter.step if reporter is not None else None)
     out = Outcome(OK, compute={"steps": result.steps, "step_budget": cfg.steps,
                                "train_seconds": round(result.seconds, 3), "early_stopped": result.status == STOPPED})
     if candidate.shared_training:
         out.compute["reused_training"] = reused is not None
+    if candidate.deduplicated:
+        out.compute["train_records"] = len(data)
     out.signal = stopper.history if stopper else []
     if result.applied is not None:
         out.trainable, out.trainable_percent = result.applied.trainable, result.applied.percent
@@ -225,14 +230,24 @@ def _measure(ctx, settings, tuned, folder: Path, out: Outcome, inference: dict |
     if reporter is not None:
         reporter.phase("metrics")
     t0 = time.perf_counter()
-    metrics, neighbours = measure(settings, ctx.references, samples, quality_samples)
+    metrics, neighbours, quality_features = measure(settings, ctx.references, samples, quality_samples)
     out.compute["metric_seconds"] = round(time.perf_counter() - t0, 3)
     out.metrics.update(metrics)
     (folder / "neighbours.json").write_text(json.dumps(neighbours) + "\n")
+    save_quality_features(quality_features, ctx.references.quality_embedder.name, folder)
     bad = [k for k in ("memorization", "quality") if not math.isfinite(out.metrics[k])]
     if bad:
         out.status, out.reason = FAILED, f"{' and '.join(bad)} is not finite ({out.metrics[bad[0]]})"
     return out
+
+
+def save_quality_features(features: torch.Tensor, embedder: str, folder: Path) -> None:
+    """The quality samples' features as ``quality_features.safetensors`` (row i: sample j of held-out caption k, in
+    the same order for every run of a study), named by their embedder."""
+    from safetensors.torch import save_file
+
+    save_file({"features": features.float().contiguous()}, str(folder / QUALITY_FEATURES),
+              metadata={"embedder": embedder})
 
 
 def save_samples(samples: torch.Tensor, folder: Path) -> None:

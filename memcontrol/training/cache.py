@@ -50,6 +50,13 @@ class CachedData:
         return self.latents[indices], self.text_embeds[indices]
 
 
+def subset_cached(cached: CachedData, indices: list[int]) -> CachedData:
+    """Some items of a cached training set (no file behind it: ``path`` and ``digest`` are dropped)."""
+    index = torch.as_tensor(list(indices), dtype=torch.long)
+    return CachedData(cached.latents[index], cached.text_embeds[index], cached.empty_embed,
+                      [cached.keys[i] for i in indices], [cached.captions[i] for i in indices])
+
+
 class InMemoryDataset:
     """Training items from tensors already in memory: ``images`` N x C x H x W in [-1, 1], one caption each;
     keys default to ``item-000000``, ``item-000001``..."""
