@@ -116,7 +116,7 @@ class Claim:
         for r in self.runs:
             star = " **(chosen)**" if r is self.chosen else ""
             share = "-" if r.trainable_percent is None else f"{r.trainable_percent:.2f}"
-            lines.append(f"| {r.label}{star} | {r.copies}/{r.n}: {_pct(r.copy_rate)} | {_num(r.quality)} | {share} |")
+            lines.append(f"| {r.label}{star} | {r.copies}/{r.n}: {_pct(r.copy_rate)} | {r.quality} | {share} |")
         lines.append("")
         if self.do_not_finetune:
             lines.append("The selection chose the base model: do not fine-tune (no fine-tuned candidate was safe and "
@@ -137,7 +137,7 @@ class Claim:
             for c in self.comparisons:
                 verdict = "beats it" if c.beats else "does not beat it"
                 lines.append(f"| {c.label} | {_pct(c.copy_difference)} ({Comparison.verdict(c.copy_difference)}) | "
-                             f"{_num(c.quality_difference)} ({Comparison.verdict(c.quality_difference)}) | "
+                             f"{c.quality_difference} ({Comparison.verdict(c.quality_difference)}) | "
                              f"{verdict} |")
             lines.append("[differences are chosen minus row: negative is better for the chosen candidate; "
                          "'no different' when the 95% interval holds 0]")
@@ -156,10 +156,6 @@ def _pct(x: Interval | None) -> str:
     if not math.isfinite(x.low):
         return f"{x.value:.0%}"
     return f"{x.value:.0%} [{x.low:.0%}, {x.high:.0%}]"
-
-
-def _num(x: Interval) -> str:
-    return str(x)
 
 
 def run_figures(out_dir: Path, row, tau: float, reference_stats, indices: np.ndarray) -> RunFigures | None:
@@ -209,7 +205,7 @@ def compute(results, settings, reference_features: np.ndarray, floor_features: n
     if chosen_row is not None:
         chosen = figures(results.reevaluation) if results.reevaluation is not None else None
         if chosen is not None:
-            chosen.label = f"{chosen_row.label} (chosen), re-evaluated on fresh seeds"
+            chosen.label = f"{chosen_row.label}, re-evaluated on fresh seeds"
             source = "re-evaluation on fresh seeds"
         else:
             chosen = figures(chosen_row)
