@@ -84,9 +84,11 @@ def test_transfer_bench_gives_every_row_with_intervals(tmp_path):
     assert result["lr"] in kw["lrs"] and set(result["search"]) == {"0.001", "0.005"}
     for label, row in table.items():
         assert row["n"] == 6
-        for name in ("copy_rate", "similarity", "fd"):
+        for name in ("copy_rate", "similarity"):
             assert row[f"{name}_ci_low"] <= row[name] + 1e-9 and row[name] <= row[f"{name}_ci_high"] + 1e-9, \
                 (label, name, row)
+        # FD's bootstrap interval need not hold its point value (a resample repeats rows, which inflates FD).
+        assert 0 <= row["fd_ci_low"] < row["fd_ci_high"] < np.inf and row["fd"] > 0, (label, row)
     assert table["full fine-tuning"]["percent"] == pytest.approx(100.0)
     mask, control = table["transferred mask, re-evaluated"], table["random mask 1"]
     assert abs(control["percent"] / mask["percent"] - 1) <= 0.25
