@@ -163,8 +163,10 @@ def run_figures(out_dir: Path, row, tau: float, reference_stats, indices: np.nda
     kept no quality features (made before they were kept, or not complete)."""
     from safetensors.numpy import load_file
 
+    from .trial import QUALITY_FEATURES
+
     folder = Path(out_dir) / row.get("folder", "")
-    features_file = folder / "quality_features.safetensors"
+    features_file = folder / QUALITY_FEATURES
     neighbours_file = folder / "neighbours.json"
     if row.state != "complete" or not features_file.is_file() or not neighbours_file.is_file():
         return None

@@ -8,8 +8,8 @@ would fail every candidate alike: ``error``, on which the worker stops the study
 to its folder: ``mask.json``, ``metrics.json`` (status, reason, metrics with their 95% intervals, compute),
 ``samples/`` and ``samples.png`` (the memorization samples, from training captions), ``neighbours.json`` (each
 memorization sample's nearest training item), ``quality_features.safetensors`` (the features of the quality
-samples, from held-out captions: the images themselves are not kept), ``error.txt`` (the traceback of an exception) and, when asked, the
-trained ``adapter/`` in the export format.
+samples, from held-out captions: the images themselves are not kept), ``error.txt`` (the traceback of an
+exception) and, when asked, the trained ``adapter/`` in the export format.
 
 Two kinds of candidate skip training: the untuned base model (family ``none``), and a candidate evaluated again
 from an exported adapter (``adapter=``, the re-evaluation of the chosen one on fresh sampling seeds).
