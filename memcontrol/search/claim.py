@@ -102,8 +102,9 @@ class Claim:
                       "copy_rate": iv(r.copy_rate), "quality": iv(r.quality),
                       "trainable_percent": r.trainable_percent} for r in self.runs],
             "full_gap_closed": iv(self.full_gap_closed), "recovery": iv(self.recovery), "copy_cut": iv(self.copy_cut),
-            "checks": [{"what": w, "figure": iv(f), "target": f"{op} {t:.0%}", "met": _met(f, t)[0],
-                        "shown": _met(f, t)[1]} for w, f, op, t in self.checks()],
+            "checks": [{"what": w, "figure": iv(f), "figure_text": _pct(f), "target": f"{op} {t:.0%}",
+                        "met": _met(f, t)[0], "shown": _met(f, t)[1], "state": _state(f, t)}
+                       for w, f, op, t in self.checks()],
             "comparisons": [{"label": c.label, "copy_difference": iv(c.copy_difference),
                              "quality_difference": iv(c.quality_difference),
                              "copy": Comparison.verdict(c.copy_difference),
@@ -125,10 +126,7 @@ class Claim:
             lines.append(f"- full fine-tuning closes {_pct(self.full_gap_closed)} of the base model's quality gap to "
                          "real held-out images")
         for what, figure, op, target in self.checks():
-            met, shown = _met(figure, target)
-            state = ("shown (the whole interval)" if shown else "met by the point value only" if met
-                     else "NOT met" if figure is not None and math.isfinite(figure.value) else "not measured")
-            lines.append(f"- {what}: {_pct(figure)} (target {op} {target:.0%}): {state}")
+            lines.append(f"- {what}: {_pct(figure)} (target {op} {target:.0%}): {_state(figure, target)}")
         if self.chosen is not None:
             lines.append(f"  (the chosen candidate's figures: {self.chosen_source})")
         if self.comparisons:
@@ -148,6 +146,15 @@ def _met(figure: Interval | None, target: float) -> tuple[bool, bool]:
     if figure is None or not math.isfinite(figure.value):
         return False, False
     return figure.value >= target, math.isfinite(figure.low) and figure.low >= target
+
+
+def _state(figure: Interval | None, target: float) -> str:
+    met, shown = _met(figure, target)
+    if shown:
+        return "shown (the whole interval)"
+    if met:
+        return "met by the point value only"
+    return "NOT met" if figure is not None and math.isfinite(figure.value) else "not measured"
 
 
 def _pct(x: Interval | None) -> str:

@@ -55,14 +55,6 @@ def _selection_text(settings: SearchSettings, results: Results) -> str:
             "end of its quality interval is below the base model's quality.")
 
 
-def _pct(x: dict | None) -> str:
-    if x is None or x["value"] is None or x["value"] != x["value"]:
-        return "-"
-    if x["low"] is None or x["low"] != x["low"]:
-        return f"{x['value']:.0%}"
-    return f"{x['value']:.0%} [{x['low']:.0%}, {x['high']:.0%}]"
-
-
 def claim_section(rep, path: Path) -> None:
     """The claim (``memcontrol.search.claim``, written beside the report as claim.json and claim.md), when the
     search ran the base model and full fine-tuning."""
@@ -70,9 +62,7 @@ def claim_section(rep, path: Path) -> None:
         return
     claim = json.loads(path.read_text())
     rep.add_heading("The claim: learns the site, does not copy its patients?")
-    rep.add_table([[c["what"], _pct(c["figure"]), c["target"],
-                    "shown" if c["shown"] else "met by the point value only" if c["met"] else "NOT met"]
-                   for c in claim["checks"]],
+    rep.add_table([[c["what"], c["figure_text"], c["target"], c["state"]] for c in claim["checks"]],
                   columns=["figure", "value [95% CI]", "target", "state"],
                   caption=f"The chosen candidate's figures: {claim['chosen_source']}. Quality gain recovered: "
                           "(Q_base - Q_chosen) / (Q_base - Q_full); copy rate cut: 1 - rate_chosen / rate_full.")
