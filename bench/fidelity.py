@@ -8,6 +8,13 @@ that screens buy over random search at the same compute. On the bundled base mod
     between each proxy and its full-fidelity objective with a bootstrap 95% interval over candidates, how many
     candidate pairs the full evaluation separates (their 95% intervals do not overlap), and the cost ratio (full
     seconds / screen seconds per candidate: median and range).
+    With ``--run DIR --config FILE`` (a) takes its candidates and their full-fidelity values from a finished study
+    instead (``memcontrol search --config FILE --out DIR``): every trained run of the search space in it (trials,
+    controls, the full fine-tuning / LoRA-attention / bias+norm baselines; not the base model nor the mitigations,
+    whose captions, data or sampling differ from a candidate's), screened at ``--min-steps``; the cost ratio is the
+    study's total seconds of each run over its screen's (state how the study ran: ``--threads`` should match its
+    workers'). Besides the two proxies it prints the training images' denoising loss, negated (a candidate that fits
+    its own training images more memorizes more), against the memorization objective.
 (b) Search. For each of ``--seeds``: a TPE search with multi-fidelity and a random search at full fidelity, at the
     same compute: the random search gets ``--random-trials`` candidates, the multi-fidelity one
     ``N = random_trials / (c + 1/eta)`` with ``c`` the screen / full cost measured in (a), so that screens plus
@@ -42,6 +49,7 @@ from memcontrol.metrics.intervals import bootstrap_indices, percentile_interval 
 from memcontrol.search.context import build_context  # noqa: E402
 from memcontrol.search.hypervolume import hypervolume_2d  # noqa: E402
 from memcontrol.search.run import run_search  # noqa: E402
+from memcontrol.config import load_config  # noqa: E402
 from memcontrol.search.settings import load_settings  # noqa: E402
 from memcontrol.search.trial import evaluate_candidate  # noqa: E402
 from memcontrol.search.worker import bind_space  # noqa: E402
@@ -49,6 +57,8 @@ from memcontrol.search.worker import bind_space  # noqa: E402
 BASE_MODEL = ROOT / "data" / "base_model"
 HOSPITAL = ROOT / "data" / "hospital"
 PAIRS = (("screen_memorization", "memorization"), ("screen_quality", "quality"))
+# Compared with the full evaluation but not used by the promotion rule: the fit to the training images (negated loss).
+EXTRA = (("screen_train_fit", "memorization"),)
 
 
 def config(args, fidelity: bool, sampler: str, n_trials: int, seed: int, cache: Path) -> dict:
@@ -97,13 +107,17 @@ def rank_agreement(cheap: list[float], full: list[float], seed: int) -> dict:
     return {"rho": ci.value, "ci_low": ci.low, "ci_high": ci.high, "n": len(cheap)}
 
 
-def separated_pairs(rows: list[dict], name: str) -> tuple[int, int]:
-    """Candidate pairs whose full-fidelity 95% intervals of ``name`` do not overlap, and all pairs."""
-    n = len(rows)
-    apart = sum(1 for i in range(n) for j in range(i + 1, n)
-                if rows[i][f"{name}_ci_high"] < rows[j][f"{name}_ci_low"]
-                or rows[j][f"{name}_ci_high"] < rows[i][f"{name}_ci_low"])
-    return apart, n * (n - 1) // 2
+def separated_pairs(rows: list[dict], name: str, cheap: str) -> tuple[int, int, int]:
+    """Candidate pairs whose full-fidelity 95% intervals of ``name`` do not overlap, all pairs, and how many of the
+    separated pairs ``cheap`` puts in the same order."""
+    n, apart, agree = len(rows), 0, 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            lo, hi = sorted((rows[i], rows[j]), key=lambda r: r[name])
+            if lo[f"{name}_ci_high"] < hi[f"{name}_ci_low"]:
+                apart += 1
+                agree += lo[cheap] < hi[cheap]
+    return apart, n * (n - 1) // 2, agree
 
 
 def ranking(args, out: Path) -> dict:
@@ -128,16 +142,92 @@ def ranking(args, out: Path) -> dict:
               f"{row['screen_seconds']:.1f} s: {row['screen_memorization']}, {row['screen_quality']} | full "
               f"{full.status} {row['full_seconds']:.1f} s: {row.get('memorization')}, {row.get('quality')}",
               flush=True)
+    return summarize(rows, args.candidate_seed)
+
+
+def study_candidates(run: Path) -> list[tuple[dict, object]]:
+    """(full-fidelity row, Candidate) for each trained run of the search space in a finished study's tables."""
+    import csv
+
+    from memcontrol.search.space import Candidate
+
+    out = []
+    for table in ("trials.csv", "controls.csv"):
+        for row in csv.DictReader((run / table).open()):
+            if row["state"] != "complete" or row["kind"] not in ("trial", "baseline", "control"):
+                continue
+            candidate = Candidate(**json.loads((run / row["folder"] / "candidate.json").read_text()))
+            if (not candidate.sites or candidate.inference or candidate.deduplicated
+                    or candidate.train.get("caption_mitigation")):
+                continue
+            if any(r["folder"] == row["folder"] for r, _ in out):
+                continue  # the chosen trial is listed in both tables
+            values = {k: float(row[k]) for k in ("memorization", "memorization_ci_low", "memorization_ci_high",
+                                                 "quality", "quality_ci_low", "quality_ci_high", "total_seconds")}
+            out.append(({"label": row["label"], "folder": row["folder"], **values}, candidate))
+    return out
+
+
+_CTX = None  # one search context per screening process
+
+
+def _init_screen_process(cfg: dict, out: str, device: str, threads: int | None) -> None:
+    global _CTX
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.WARNING)
+    _CTX = build_context(load_settings(cfg, Path(out)), device, progress=False)
+
+
+def _screen(job: tuple) -> dict:
+    i, candidate, folder = job
+    screen = evaluate_candidate(_CTX, candidate, Path(folder), early_stop=False, keep_adapter=False, screen=True)
+    return {"status": screen.status, "seconds": screen.compute["total_seconds"], "metrics": screen.metrics}
+
+
+def ranking_from_run(args, out: Path) -> dict:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    cfg = load_config(args.config)
+    search = cfg.setdefault("search", {})
+    search.update(sampler="tpe", fidelity={**search.get("fidelity", {}), "enabled": True, "min_steps": args.min_steps})
+    found = study_candidates(Path(args.run))
+    jobs = [(i, candidate, str(out / "ranking" / str(i))) for i, (_, candidate) in enumerate(found)]
+    # Screens run as the study's trials did: ``--workers`` processes side by side, ``--threads`` threads each.
+    with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_init_screen_process,
+                             initargs=(cfg, str(out / "ranking"), args.device, args.threads)) as pool:
+        screens = list(pool.map(_screen, jobs))
+    rows = []
+    for i, ((full, candidate), screen) in enumerate(zip(found, screens)):
+        m = screen["metrics"]
+        row = {"candidate": i, **full, "lr": candidate.train.get("lr"), "sites": len(candidate.sites),
+               "family": candidate.family, "screen_status": screen["status"], "full_status": "ok",
+               "screen_seconds": screen["seconds"], "full_seconds": full["total_seconds"],
+               **{k: m.get(k) for k, _ in PAIRS}, "screen_train_fit": -m.get("screen_train_loss", math.nan)}
+        rows.append(row)
+        print(f"{row['label']}: {row['family']} {row['sites']} sites lr {row['lr']:.2e} | screen "
+              f"{row['screen_seconds']:.1f} s: noise norm {row['screen_memorization']:.4g}, held-out loss "
+              f"{row['screen_quality']:.5g}, train fit {row['screen_train_fit']:.5g} | full "
+              f"{row['full_seconds']:.0f} s: {row['memorization']:.3f}, {row['quality']:.1f}", flush=True)
+    return summarize(rows, args.candidate_seed, EXTRA)
+
+
+def summarize(rows: list[dict], seed: int, extra=()) -> dict:
     both = [r for r in rows if r["screen_status"] == "screened" and r["full_status"] == "ok"]
     ratios = [r["full_seconds"] / r["screen_seconds"] for r in rows]
     result = {"rows": rows, "compared": len(both),
               "cost_ratio": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)},
               "screen_over_full": statistics.median(r["screen_seconds"] for r in rows)
               / statistics.median(r["full_seconds"] for r in rows)}
-    for cheap, full in PAIRS:
-        agreement = rank_agreement([r[cheap] for r in both], [r[full] for r in both], args.candidate_seed)
-        apart, pairs = separated_pairs(both, full)
-        result[full] = {**agreement, "separated_pairs": apart, "pairs": pairs}
+    for cheap, full in PAIRS + tuple(extra):
+        agreement = rank_agreement([r[cheap] for r in both], [r[full] for r in both], seed)
+        apart, pairs, agree = separated_pairs(both, full, cheap)
+        result[f"{cheap}~{full}"] = {**agreement, "separated_pairs": apart, "pairs": pairs,
+                                     "separated_pairs_same_order": agree}
     return result
 
 
@@ -177,6 +267,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--ref", type=float, nargs=2, default=None, help="(b) hypervolume reference point")
     parser.add_argument("--skip-search", action="store_true", help="run (a) only")
+    parser.add_argument("--run", default=None, help="(a) from this finished study's runs (implies --skip-search)")
+    parser.add_argument("--config", default=None, help="the config the --run study was made with")
+    parser.add_argument("--workers", type=int, default=2, help="--run: screening processes side by side")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default torch's; 1 on a loaded machine, where two threads each wait "
                              "for the other: 14x slower here at load 9 on 2 cores)")
@@ -201,19 +294,22 @@ def main() -> None:
                "load_average_start": os.getloadavg()}
     report = {"args": vars(args), "machine": machine}
 
-    rank = ranking(args, out)
+    if args.run and not args.config:
+        sys.exit("--run needs --config, the config the study was made with")
+    rank = ranking_from_run(args, out) if args.run else ranking(args, out)
     report["ranking"] = rank
     print(f"\n(a) ranking over {rank['compared']} candidates both evaluated (screen {args.min_steps} steps vs full "
-          f"{args.steps} steps):")
-    for _, name in PAIRS:
-        r = rank[name]
-        print(f"  {name}: Spearman {r['rho']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]; full evaluation separates "
-              f"{r['separated_pairs']} of {r['pairs']} pairs")
+          f"{'the study' if args.run else args.steps}'s steps):")
+    for key, r in rank.items():
+        if "~" in key:
+            print(f"  {key}: Spearman {r['rho']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]; the full evaluation "
+                  f"separates {r['separated_pairs']} of {r['pairs']} pairs, the screen orders "
+                  f"{r['separated_pairs_same_order']} of them the same way")
     c = rank["cost_ratio"]
     print(f"  cost: a full trial costs x{c['median']:.1f} a screen (median; range {c['min']:.1f}-{c['max']:.1f})")
     (out / "fidelity.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
 
-    if not args.skip_search:
+    if not (args.skip_search or args.run):
         ref = tuple(args.ref) if args.ref else reference_point(rank["rows"])
         n_fidelity = max(1, math.floor(args.random_trials / (rank["screen_over_full"] + 1 / args.eta)))
         print(f"\n(b) reference point (memorization, quality) = ({ref[0]:.4g}, {ref[1]:.4g}); per seed: random "

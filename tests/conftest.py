@@ -18,6 +18,12 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["MPLBACKEND"] = "Agg"
 os.environ.setdefault("TQDM_DISABLE", "1")
+# pytest-xdist runs the suite in one process per core (addopts in pyproject.toml): each gets its share of the cores,
+# since processes whose thread pools together exceed the cores spin waiting on each other.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, str(_share))
 
 import pytest  # noqa: E402
 
@@ -48,3 +54,17 @@ def tiny_pipe(tiny_pipe_dir):
     from memcontrol.models import load_pipeline
 
     return load_pipeline(tiny_pipe_dir)
+
+
+# The modules that take minutes, started first: pytest-xdist hands modules to its processes in collection order, and a
+# long module started last would leave the other processes idle at the end.
+_LONGEST_FIRST = ("test_metrics_known_truth.py", "test_search_scale.py", "test_privacy_jobs.py", "test_search_run.py",
+                  "test_hospital_gap.py", "test_quickstart.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        return _LONGEST_FIRST.index(name) if name in _LONGEST_FIRST else len(_LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a module and among the others is kept

@@ -4,6 +4,7 @@ prompt-embedding adjustment before sampling, and their rows in a search."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 from pathlib import Path
 
@@ -182,6 +183,14 @@ def test_a_search_reports_the_mitigation_baselines_with_intervals(tmp_path, tiny
         assert {c["copy"], c["quality"]} <= {"better", "worse", "no different"}
         assert c["quality_difference"]["low"] <= c["quality_difference"]["high"]
     assert "full fine-tuning" in (out / "claim.md").read_text()
+    # bench/fidelity.py --run screens the runs of the search space only: each mitigation trains on other captions or
+    # data, or samples otherwise, and the base model trains nothing.
+    spec = importlib.util.spec_from_file_location("bench_fidelity", REPO / "bench" / "fidelity.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    screened = {row["label"] for row, _ in bench.study_candidates(out)}
+    assert "full fine-tuning" in screened and "trial 0" in screened
+    assert not screened & (set(labels.values()) - {"full fine-tuning"})
     # A rerun finds every row done and recomputes nothing.
     stamp = {p: p.stat().st_mtime_ns for p in (out / "baselines").rglob("metrics.json")}
     assert main(argv) == 0

@@ -131,6 +131,8 @@ def test_only_promoted_candidates_train_the_full_budget_and_resume_recomputes_no
     full = [t for t in trials if t.user_attrs[fd.ATTR_FIDELITY] == fd.FULL]
     assert len(screened) == 3 and len(full) == 2
     assert all(t.state == TrialState.PRUNED and t.user_attrs["steps"] == 2 for t in screened)
+    # The training images' denoising loss is kept beside the proxies (bench/fidelity.py compares it).
+    assert all(0.0 < t.user_attrs["screen_train_loss"] < 10.0 for t in screened)
     assert all(t.state == TrialState.COMPLETE and t.user_attrs["steps"] == 6 for t in full)
     # Each promotion re-evaluates the best screened candidate of its bracket, with its parameters.
     by_number = {t.number: t for t in trials}

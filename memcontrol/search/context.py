@@ -25,7 +25,7 @@ class SearchContext:
     adaptable: dict = field(default_factory=dict)  # (family, granularity) -> names of sites it can train
     progress: object = None       # memcontrol.search.progress.Progress of the worker, or None
     heldout_set: object = None    # the held-out ImageCaptionDataset
-    screen_data: object = None    # memcontrol.search.fidelity.ScreenData, made by the first screened candidate
+    screen_data: object = None    # {"heldout", "train"}: fidelity.ScreenData, made by the first screened candidate
     deduplicated: object = None   # the cached training set less its near-duplicates, made when first asked for
 
     def training_data(self, deduplicated: bool = False):

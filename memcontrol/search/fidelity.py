@@ -112,16 +112,15 @@ class ScreenData:
     batch_size: int = 16
 
 
-def build_screen_data(ctx) -> ScreenData:
+def build_screen_data(ctx, dataset) -> ScreenData:
+    """``quality_items`` images spread over ``dataset``, each noised at ``quality_draws`` fixed draws."""
     from ..training import cache_training_data
     from ..training.loop import _noise_scheduler, _target
     from .context import spread
 
     fid = ctx.settings.search["fidelity"]
-    heldout = ctx.heldout_set
-    items = spread(list(range(len(heldout))), fid["quality_items"])
-    subset = _Subset(heldout, items)
-    cached = cache_training_data(ctx.pipe, subset, ctx.settings.data["cache_dir"], progress=False)
+    items = spread(list(range(len(dataset))), fid["quality_items"])
+    cached = cache_training_data(ctx.pipe, _Subset(dataset, items), ctx.settings.data["cache_dir"], progress=False)
     scheduler = _noise_scheduler(ctx.pipe)
     draws = int(fid["quality_draws"])
     latents = cached.latents.float().repeat(draws, 1, 1, 1)
@@ -146,8 +145,8 @@ class _Subset:
 
 
 @torch.no_grad()
-def heldout_loss(unet, data: ScreenData) -> float:
-    """Mean squared error of the UNet's prediction on the held-out draws."""
+def denoising_loss(unet, data: ScreenData) -> float:
+    """Mean squared error of the UNet's prediction on the screen's fixed draws."""
     ref = next(unet.parameters())
     total = 0.0
     for start in range(0, len(data.noisy), data.batch_size):
@@ -164,12 +163,16 @@ def screen_scores(ctx, unet, out: Outcome) -> Outcome:
 
     t0 = time.perf_counter()
     if ctx.screen_data is None:
-        ctx.screen_data = build_screen_data(ctx)
+        ctx.screen_data = {"heldout": build_screen_data(ctx, ctx.heldout_set),
+                           "train": build_screen_data(ctx, ctx.train_set)}
     unet.eval()
     memorization = probe_signal(ctx.settings, unet, ctx.pipe.scheduler, ctx.probe)
-    quality = heldout_loss(unet, ctx.screen_data)
+    quality = denoising_loss(unet, ctx.screen_data["heldout"])
+    # Measured beside the proxies, not used by the promotion rule: how well the candidate fits its own training
+    # images at the same kind of draws (bench/fidelity.py compares it with the full evaluation).
+    train_loss = denoising_loss(unet, ctx.screen_data["train"])
     out.compute["screen_seconds"] = round(time.perf_counter() - t0, 3)
-    out.metrics.update(screen_memorization=memorization, screen_quality=quality)
+    out.metrics.update(screen_memorization=memorization, screen_quality=quality, screen_train_loss=train_loss)
     if not (math.isfinite(memorization) and math.isfinite(quality)):
         out.status, out.reason = FAILED, f"screen proxies are not finite ({memorization}, {quality})"
         return out
