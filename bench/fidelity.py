@@ -45,11 +45,11 @@ from scipy.stats import spearmanr
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from memcontrol.config import load_config  # noqa: E402
 from memcontrol.metrics.intervals import bootstrap_indices, percentile_interval  # noqa: E402
 from memcontrol.search.context import build_context  # noqa: E402
 from memcontrol.search.hypervolume import hypervolume_2d  # noqa: E402
 from memcontrol.search.run import run_search  # noqa: E402
-from memcontrol.config import load_config  # noqa: E402
 from memcontrol.search.settings import load_settings  # noqa: E402
 from memcontrol.search.trial import evaluate_candidate  # noqa: E402
 from memcontrol.search.worker import bind_space  # noqa: E402
@@ -182,7 +182,7 @@ def _init_screen_process(cfg: dict, out: str, device: str, threads: int | None) 
 
 
 def _screen(job: tuple) -> dict:
-    i, candidate, folder = job
+    candidate, folder = job
     screen = evaluate_candidate(_CTX, candidate, Path(folder), early_stop=False, keep_adapter=False, screen=True)
     return {"status": screen.status, "seconds": screen.compute["total_seconds"], "metrics": screen.metrics}
 
@@ -195,7 +195,7 @@ def ranking_from_run(args, out: Path) -> dict:
     search = cfg.setdefault("search", {})
     search.update(sampler="tpe", fidelity={**search.get("fidelity", {}), "enabled": True, "min_steps": args.min_steps})
     found = study_candidates(Path(args.run))
-    jobs = [(i, candidate, str(out / "ranking" / str(i))) for i, (_, candidate) in enumerate(found)]
+    jobs = [(candidate, str(out / "ranking" / str(i))) for i, (_, candidate) in enumerate(found)]
     # Screens run as the study's trials did: ``--workers`` processes side by side, ``--threads`` threads each.
     with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_init_screen_process,
@@ -298,8 +298,9 @@ def main() -> None:
         sys.exit("--run needs --config, the config the study was made with")
     rank = ranking_from_run(args, out) if args.run else ranking(args, out)
     report["ranking"] = rank
+    full_steps = f"the study's {args.run}" if args.run else f"{args.steps} steps"
     print(f"\n(a) ranking over {rank['compared']} candidates both evaluated (screen {args.min_steps} steps vs full "
-          f"{'the study' if args.run else args.steps}'s steps):")
+          f"evaluation: {full_steps}):")
     for key, r in rank.items():
         if "~" in key:
             print(f"  {key}: Spearman {r['rho']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]; the full evaluation "
