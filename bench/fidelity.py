@@ -147,24 +147,20 @@ def ranking(args, out: Path) -> dict:
 
 def study_candidates(run: Path) -> list[tuple[dict, object]]:
     """(full-fidelity row, Candidate) for each trained run of the search space in a finished study's tables."""
-    import csv
-
+    from bench.quickstart import load_rows
     from memcontrol.search.space import Candidate
 
     out = []
-    for table in ("trials.csv", "controls.csv"):
-        for row in csv.DictReader((run / table).open()):
-            if row["state"] != "complete" or row["kind"] not in ("trial", "baseline", "control"):
-                continue
-            candidate = Candidate(**json.loads((run / row["folder"] / "candidate.json").read_text()))
-            if (not candidate.sites or candidate.inference or candidate.deduplicated
-                    or candidate.train.get("caption_mitigation")):
-                continue
-            if any(r["folder"] == row["folder"] for r, _ in out):
-                continue  # the chosen trial is listed in both tables
-            values = {k: float(row[k]) for k in ("memorization", "memorization_ci_low", "memorization_ci_high",
-                                                 "quality", "quality_ci_low", "quality_ci_high", "total_seconds")}
-            out.append(({"label": row["label"], "folder": row["folder"], **values}, candidate))
+    for row in load_rows(run):
+        if row["state"] != "complete" or row["kind"] not in ("trial", "baseline", "control"):
+            continue
+        candidate = Candidate(**json.loads((run / row["folder"] / "candidate.json").read_text()))
+        if (not candidate.sites or candidate.inference or candidate.deduplicated
+                or candidate.train.get("caption_mitigation")):
+            continue
+        values = {k: float(row[k]) for k in ("memorization", "memorization_ci_low", "memorization_ci_high",
+                                             "quality", "quality_ci_low", "quality_ci_high", "total_seconds")}
+        out.append(({"label": row["label"], "folder": row["folder"], **values}, candidate))
     return out
 
 
