@@ -190,3 +190,49 @@ def test_sigkill_one_of_two_workers_mid_trial(kind, tmp_path, tiny_pipe_dir, sea
     assert len(retries) == 1 and retries[0].params == victim.params and retries[0].state == TrialState.COMPLETE
     _check_recorded_once(_study(url), [out], 4)
     assert (out / "report.html").is_file()
+
+
+def _exited(pid: int) -> bool:
+    """Gone, or a zombie nobody has reaped yet (the coordinator that would reap it is dead)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return any(line.split()[1] in ("Z", "X") for line in status.splitlines() if line.startswith("State:"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads process states from /proc")
+def test_spawned_worker_stops_when_its_coordinator_is_killed(tmp_path, tiny_pipe_dir, search_data):
+    """``--workers 2``: the coordinator (worker 0) is SIGKILLed while the spawned worker 1 trains; worker 1 stops
+    within seconds instead of training on, and says why in the search log (resuming after a crash: the tests
+    above)."""
+    cfg = write_config(tmp_path / "search.yaml", cheap_search_config(
+        tiny_pipe_dir, search_data, train={"steps": 40}, search={"n_trials": 3, "workers": 2}))
+    out = tmp_path / "run"
+    url = f"sqlite:///{out / 'study.db'}"
+    coordinator = subprocess.Popen(_command(cfg, out), env=_env(), stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+    child = None
+    try:
+        deadline = time.monotonic() + 240
+        while child is None:
+            assert coordinator.poll() is None, "the search ended before a spawned worker took a trial"
+            assert time.monotonic() < deadline, "no spawned worker took a trial"
+            time.sleep(0.05)
+            try:
+                trials = _study(url).get_trials()
+            except (KeyError, st.MemcontrolError):  # the study is not created yet
+                continue
+            pids = {int(t.user_attrs[st.ATTR_WORKER].rpartition(":")[2]) for t in trials
+                    if t.state == TrialState.RUNNING and st.ATTR_WORKER in t.user_attrs}
+            child = next((pid for pid in pids if pid != coordinator.pid), None)
+        coordinator.send_signal(signal.SIGKILL)
+        coordinator.wait()
+        deadline = time.monotonic() + 30
+        while not _exited(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _exited(child), "the spawned worker went on after its coordinator was killed"
+    finally:
+        if child is not None and not _exited(child):
+            os.kill(child, signal.SIGKILL)
+    assert f"the coordinator (pid {coordinator.pid}) is gone" in (out / "search.log").read_text()

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +80,27 @@ def work_left(settings: SearchSettings) -> bool:
     return bool(bstudy.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
 
 
+def _stop_with_coordinator() -> None:
+    """End this spawned worker as soon as the process that started it is gone.
+
+    Ctrl-C reaches every process of the terminal's group, but a coordinator killed on its own (``kill``, the OOM
+    killer, a closed SSH session) would otherwise leave its workers training for up to an hour, holding the cores
+    and the study's trials. The trial this worker had running is left RUNNING in the storage: a resumed search marks
+    it interrupted and runs it again, as after any crash, so nothing finished is lost."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch():
+        multiprocessing.connection.wait([parent.sentinel])
+        log.error("the coordinator (pid %s) is gone; this worker stops too (pid %d). Run the same command again "
+                  "to resume: its unfinished trial will be run again", parent.pid, os.getpid())
+        logging.shutdown()
+        os._exit(3)
+
+    threading.Thread(target=watch, name="coordinator-watch", daemon=True).start()
+
+
 def _worker_main(settings: SearchSettings, index: int, threads: int, first_ready) -> None:
     import torch
 
@@ -85,6 +108,7 @@ def _worker_main(settings: SearchSettings, index: int, threads: int, first_ready
 
     logging.basicConfig(level=logging.INFO, format=f"%(levelname)s worker{index} %(name)s: %(message)s")
     log_to_file(settings.out_dir / LOG_FILE)
+    _stop_with_coordinator()
     torch.set_num_threads(threads)
     preload()
     # The first worker writes the training cache; the others wait for it (their imports done) and reuse it.
