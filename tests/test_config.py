@@ -80,6 +80,31 @@ def test_base_presets_merge_deeply_and_show_fills_every_default(tmp_path, capsys
     assert read_config(_write(tmp_path / "shown.yaml", shown)) == read_config(mine)
 
 
+def test_paths_in_a_base_preset_start_from_the_preset_s_folder(tmp_path, capsys):
+    """A config elsewhere extends a preset that names data beside it (as `base: .../configs/paper.yaml` does): the
+    preset's paths keep pointing beside the preset, the extending file's paths beside that file, at every depth of
+    `base:` and in every kind of path field (model, data shorthand, features, search space file)."""
+    presets, mine_dir = tmp_path / "project" / "configs", tmp_path / "elsewhere"
+    (presets / "deeper").mkdir(parents=True)
+    mine_dir.mkdir()
+    _write(presets / "deeper" / "root.yaml", {"model": {"path": "../../models/base"}})
+    _write(presets / "space.yaml", {"space": {"families": ["lora"]}})
+    _write(presets / "paper.yaml", {
+        "base": "deeper/root.yaml", "data": {"train": "../data/private.csv", "heldout": {"source": "../data/h.csv"}},
+        "objectives": {"memorization": {"features": {"type": "metric_net", "path": "../nets/copy"}}},
+        "space": "space.yaml"})
+    mine = _write(mine_dir / "mine.yaml", {"base": "../project/configs/paper.yaml",
+                                           "data": {"heldout": {"source": "my_heldout.csv"}}})
+    assert main(["config", "show", str(mine)]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    project = tmp_path / "project"
+    assert shown["model"]["path"] == str(project / "models" / "base")
+    assert shown["data"]["train"]["source"] == str(project / "data" / "private.csv")
+    assert shown["data"]["heldout"]["source"] == str(mine_dir / "my_heldout.csv")
+    assert shown["objectives"]["memorization"]["features"]["path"] == str(project / "nets" / "copy")
+    assert read_config(mine).space == str(presets / "space.yaml")
+
+
 def test_overrides_from_the_command_line_are_checked_too(tmp_path):
     from memcontrol.search.settings import load_settings
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, model_serializer
-from pydantic.functional_validators import AfterValidator
+from pydantic.functional_validators import BeforeValidator
 
 from ..errors import ConfigError
 
@@ -37,18 +37,21 @@ class Spec(Section):
 
 
 def relative_to_config(value: str | None, info: ValidationInfo) -> str | None:
-    """A path written in a config file is relative to that file's folder."""
+    """A path written in a config file is relative to that file's folder: a ``base:`` preset's own (the string is
+    ``files.Written``), else the folder of the file the job was given."""
     if value is None:
         return None
-    folder = (info.context or {}).get("dir")
+    folder = getattr(value, "folder", None) or (info.context or {}).get("dir")
     path = Path(value).expanduser()
     if folder is not None and not path.is_absolute():
         path = (Path(folder) / path).resolve()
     return str(path)
 
 
-# A file or folder named in a config (kept as a string: it is hashed into study fingerprints as written).
-ConfigPath = Annotated[str, AfterValidator(relative_to_config)]
+# A file or folder named in a config. Resolved before pydantic's own check, which turns a marked string into a
+# plain one and so would lose the preset's folder.
+ConfigPath = Annotated[str, BeforeValidator(lambda value, info: relative_to_config(value, info)
+                                            if isinstance(value, str) else value)]
 
 
 def as_number(value):

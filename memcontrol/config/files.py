@@ -1,7 +1,9 @@
 """YAML configuration files: loading, with `base:` presets merged key by key at every depth.
 
-A config is a nested mapping. Paths inside it are written relative to the config file's folder, which ``load_config``
-records as ``_dir``; the schema makes them absolute (``base.ConfigPath``) so that a command works from any working
+A config is a nested mapping. Paths inside it are written relative to the folder of the file they are written in:
+``load_config`` records the named file's folder as ``_dir``, and marks every string that comes from a ``base:`` preset
+with the preset's own folder (``Written``), so that ``base: /elsewhere/configs/paper.yaml`` keeps finding the data
+that preset names. The schema makes paths absolute (``base.ConfigPath``), so a command works from any working
 directory.
 """
 
@@ -31,11 +33,32 @@ def load_config(path: str | Path) -> dict[str, Any]:
     if base is not None:
         if not isinstance(base, str):
             raise ConfigError(f"{path}: `base` must be the path of a preset file, got {base!r}")
+        preset = load_config(path.parent / base)
         # A preset may extend another one: its keys override the base's, key by key at every depth.
-        cfg = merge(load_config(path.parent / base), cfg)
-    # Relative paths resolve against the file that the user named (presets used as `base:` hold no paths).
+        cfg = merge(written_in(preset, preset.pop("_dir")), cfg)
     cfg["_dir"] = str(path.parent.resolve())
     return cfg
+
+
+class Written(str):
+    """A string of a ``base:`` preset, with the folder of the file it was written in: where a relative path in it
+    starts from."""
+
+    folder: str
+
+
+def written_in(value, folder: str):
+    """``value`` with each plain string in it marked as written in ``folder`` (strings already marked, from a
+    preset's own base, keep their folder)."""
+    if isinstance(value, dict):
+        return {k: written_in(v, folder) for k, v in value.items()}
+    if isinstance(value, list):
+        return [written_in(v, folder) for v in value]
+    if isinstance(value, str) and not isinstance(value, Written):
+        marked = Written(value)
+        marked.folder = folder
+        return marked
+    return value
 
 
 def merge(base: dict, override: dict) -> dict:

@@ -427,7 +427,7 @@ class JobConfig(Section):
     export: ExportSection = Field(default_factory=ExportSection)
     audit: AuditSection = Field(default_factory=AuditSection)
 
-    @field_validator("space")
+    @field_validator("space", mode="before")  # before: a preset's marked string still knows its folder
     @classmethod
     def _space_file(cls, value, info: ValidationInfo):
         return relative_to_config(value, info) if isinstance(value, str) and value not in SPACE_PRESETS else value
