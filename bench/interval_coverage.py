@@ -1,7 +1,7 @@
 """Do the Fréchet distance's 95% intervals cover the true distance? A simulation, and the bias on a finished study.
 
-    python bench/interval_coverage.py                                   # simulation at the headline's sizes
-    python bench/interval_coverage.py --run runs/paper                  # plus each run of a finished study
+    python bench/interval_coverage.py                    # simulation at the headline's sizes
+    python bench/interval_coverage.py --run runs/paper   # a finished study instead: each run, and its claim
 
 Every FD interval memcontrol prints is the *percentile* interval of a bootstrap over generated samples
 (``memcontrol.metrics.intervals``). A resample repeats rows, so its covariance is narrower and its distance larger
@@ -15,9 +15,10 @@ interval from ``--resamples`` resamples. Printed: the mean estimate, and how oft
 (nominal 0.95; the binomial standard error of a coverage over 200 replications is 0.015). Then the same for the
 paired difference of two runs with different spreads (their biases differ, so they do not cancel).
 
-``--run DIR``: for each run of a finished search that kept its quality features, the point FD against the held-out
-reference, the bootstrap's bias (mean of the resamples minus the point) and both intervals, as the claim computes
-them (1,000 resamples, resample seed 0).
+``--run DIR`` (no simulation then): for each run of a finished search that kept its quality features, the point FD
+against the held-out reference, the bootstrap's bias (mean of the resamples minus the point) and both intervals, as
+the claim computes them (1,000 resamples from ``--seed``, the study's sampling seed); then each quality comparison
+of ``DIR/claim.json`` (the chosen candidate minus another row, paired) under both intervals, with its verdict.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def difference(d: int, n: int, a: tuple, b: tuple, reps: int, resamples: int) ->
     return {"truth": truth, "mean estimate": float(np.mean(estimates)), **{k: v / reps for k, v in hits.items()}}
 
 
-def study_bias(run: Path, resamples: int) -> None:
+def study_bias(run: Path, resamples: int, seed: int) -> None:
     from safetensors.numpy import load_file
 
     from memcontrol.metrics.quality import gaussian_stats
@@ -88,11 +89,49 @@ def study_bias(run: Path, resamples: int) -> None:
         features = load_file(str(path))["features"].astype(np.float64)
         statistic = resampled_frechet(features, stats)
         value = float(statistic(np.arange(len(features))[None])[0])
-        resampled = statistic(bootstrap_indices(len(features), resamples, 0))
+        resampled = statistic(bootstrap_indices(len(features), resamples, seed))
         ci = both(value, resampled)
         text = {k: f"[{low:7.1f}, {high:7.1f}]" for k, (low, high) in ci.items()}
         print(f"{str(path.parent.relative_to(run)):34s} {value:7.1f} {resampled.mean() - value:6.1f} "
               f"{text['percentile']:>22s} {text['basic']:>22s}")
+
+
+def verdict(low: float, high: float) -> str:
+    """Of a difference chosen minus other in FD (lower is better)."""
+    return "better" if high < 0 else "worse" if low > 0 else "no different"
+
+
+def claim_comparisons(run: Path, resamples: int, seed: int) -> None:
+    """The claim's paired quality comparisons, recomputed under both intervals from the runs' kept features."""
+    import json
+
+    from safetensors.numpy import load_file
+
+    from memcontrol.metrics.quality import gaussian_stats
+    from memcontrol.search.objectives import QUALITY_REFERENCE
+    from memcontrol.search.trial import QUALITY_FEATURES
+
+    claim = json.loads((run / "claim.json").read_text())
+    stats = gaussian_stats(load_file(str(run / QUALITY_REFERENCE))["features"].astype(np.float64))
+    folders = {r["label"]: Path(r["folder"]) for r in claim["runs"]}
+
+    def statistic(label):
+        features = load_file(str(folders[label] / QUALITY_FEATURES))["features"].astype(np.float64)
+        return resampled_frechet(features, stats)
+
+    chosen = statistic(claim["chosen"])
+    n = len(load_file(str(folders[claim["chosen"]] / QUALITY_FEATURES))["features"])
+    idx, every = bootstrap_indices(n, resamples, seed), np.arange(n)[None]
+    print(f"\n{claim['chosen']} minus each row, FD (negative: the chosen candidate is better)")
+    print(f"{'row':44s} {'claim.json':>30s} {'percentile, here':>30s} {'basic':>30s}")
+    for c in claim["comparisons"]:
+        other = statistic(c["label"])
+        value = float(chosen(every)[0] - other(every)[0])
+        cis = both(value, chosen(idx) - other(idx))
+        recorded = c["quality_difference"]
+        cells = [f"{recorded['value']:.1f} [{recorded['low']:.1f}, {recorded['high']:.1f}] {c['quality']}"] + [
+            f"{value:.1f} [{low:.1f}, {high:.1f}] {verdict(low, high)}" for low, high in cis.values()]
+        print(f"{c['label']:44s} " + " ".join(f"{cell:>30s}" for cell in cells))
 
 
 def main(argv=None) -> int:
@@ -102,9 +141,14 @@ def main(argv=None) -> int:
     parser.add_argument("--truths", type=float, nargs="+", default=[0.0, 10.0, 100.0])
     parser.add_argument("--reps", type=int, default=200)
     parser.add_argument("--resamples", type=int, default=300)
-    parser.add_argument("--run", type=Path, help="a finished search's --out folder")
+    parser.add_argument("--run", type=Path, help="a finished search's --out folder (no simulation then)")
+    parser.add_argument("--seed", type=int, default=0, help="the study's sampling seed (its resample matrix)")
     args = parser.parse_args(argv)
 
+    if args.run is not None:
+        study_bias(args.run, 1000, args.seed)
+        claim_comparisons(args.run, 1000, args.seed)
+        return 0
     d, n = args.dims, args.samples
     print(f"{n} samples in {d} dimensions, {args.reps} replications, {args.resamples} resamples; coverage of the "
           f"true value (nominal 0.95)")
@@ -116,8 +160,6 @@ def main(argv=None) -> int:
         r = difference(d, n, a, b, args.reps, args.resamples)
         print(f"FD difference, true {r['truth']:.2f}: mean estimate {r['mean estimate']:.2f}; percentile "
               f"{r['percentile']:.2f}, basic {r['basic']:.2f}", flush=True)
-    if args.run is not None:
-        study_bias(args.run, 1000)
     return 0
 
 
