@@ -101,8 +101,10 @@ def verdict(low: float, high: float) -> str:
     return "better" if high < 0 else "worse" if low > 0 else "no different"
 
 
-def claim_comparisons(run: Path, resamples: int, seed: int) -> None:
-    """The claim's paired quality comparisons, recomputed under both intervals from the runs' kept features."""
+def claim_comparisons(run: Path, resamples: int, seed: int) -> list[dict]:
+    """The claim's paired quality comparisons (the chosen candidate minus each row), recomputed from the runs' kept
+    features: per row, the interval ``claim.json`` recorded and the percentile and basic intervals, each as
+    (value, low, high, verdict)."""
     import json
 
     from safetensors.numpy import load_file
@@ -113,25 +115,27 @@ def claim_comparisons(run: Path, resamples: int, seed: int) -> None:
 
     claim = json.loads((run / "claim.json").read_text())
     stats = gaussian_stats(load_file(str(run / QUALITY_REFERENCE))["features"].astype(np.float64))
-    folders = {r["label"]: Path(r["folder"]) for r in claim["runs"]}
-
-    def statistic(label):
-        features = load_file(str(folders[label] / QUALITY_FEATURES))["features"].astype(np.float64)
-        return resampled_frechet(features, stats)
-
-    chosen = statistic(claim["chosen"])
-    n = len(load_file(str(folders[claim["chosen"]] / QUALITY_FEATURES))["features"])
+    features = {r["label"]: load_file(str(Path(r["folder"]) / QUALITY_FEATURES))["features"].astype(np.float64)
+                for r in claim["runs"] if (Path(r["folder"]) / QUALITY_FEATURES).is_file()}
+    chosen = resampled_frechet(features[claim["chosen"]], stats)
+    n = len(features[claim["chosen"]])
     idx, every = bootstrap_indices(n, resamples, seed), np.arange(n)[None]
+    rows = []
+    for c in claim["comparisons"]:
+        other = resampled_frechet(features[c["label"]], stats)
+        value = float(chosen(every)[0] - other(every)[0])
+        recorded = c["quality_difference"]
+        row = {"label": c["label"], "claim.json": (recorded["value"], recorded["low"], recorded["high"], c["quality"])}
+        for kind, (low, high) in both(value, chosen(idx) - other(idx)).items():
+            row[kind] = (value, low, high, verdict(low, high))
+        rows.append(row)
     print(f"\n{claim['chosen']} minus each row, FD (negative: the chosen candidate is better)")
     print(f"{'row':44s} {'claim.json':>30s} {'percentile, here':>30s} {'basic':>30s}")
-    for c in claim["comparisons"]:
-        other = statistic(c["label"])
-        value = float(chosen(every)[0] - other(every)[0])
-        cis = both(value, chosen(idx) - other(idx))
-        recorded = c["quality_difference"]
-        cells = [f"{recorded['value']:.1f} [{recorded['low']:.1f}, {recorded['high']:.1f}] {c['quality']}"] + [
-            f"{value:.1f} [{low:.1f}, {high:.1f}] {verdict(low, high)}" for low, high in cis.values()]
-        print(f"{c['label']:44s} " + " ".join(f"{cell:>30s}" for cell in cells))
+    for row in rows:
+        cells = [f"{v:.1f} [{low:.1f}, {high:.1f}] {word}" for v, low, high, word in
+                 (row["claim.json"], row["percentile"], row["basic"])]
+        print(f"{row['label']:44s} " + " ".join(f"{cell:>30s}" for cell in cells))
+    return rows
 
 
 def main(argv=None) -> int:

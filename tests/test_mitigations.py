@@ -13,6 +13,7 @@ import torch
 from fixtures_masks import CAPTIONS
 from fixtures_search import cheap_search_config, write_config
 
+from memcontrol.config import read_config
 from memcontrol.masks import Mask
 from memcontrol.mitigations.captions import CaptionMitigation, caption_mitigator, randomise_captions, word_token_ids
 from memcontrol.training import TrainConfig, finetune
@@ -191,6 +192,19 @@ def test_a_search_reports_the_mitigation_baselines_with_intervals(tmp_path, tiny
     screened = {row["label"] for row, _ in bench.study_candidates(out)}
     assert "full fine-tuning" in screened and "trial 0" in screened
     assert not screened & (set(labels.values()) - {"full fine-tuning"})
+    # bench/interval_coverage.py --run recomputes the claim's paired quality comparisons from the kept features: its
+    # percentile intervals are claim.json's (the README sets the basic interval beside them on that basis).
+    spec = importlib.util.spec_from_file_location("bench_intervals", REPO / "bench" / "interval_coverage.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    job = read_config(tmp_path / "search.yaml")
+    recomputed = bench.claim_comparisons(out, job.objectives.bootstrap_resamples, job.sampling.seed)
+    assert [r["label"] for r in recomputed] == [c["label"] for c in claim["comparisons"]]
+    for row in recomputed:
+        assert row["percentile"][:3] == pytest.approx(row["claim.json"][:3], rel=1e-9, abs=1e-9), row
+        assert row["percentile"][3] == row["claim.json"][3]
+        value, low, high, _ = row["basic"]
+        assert value == row["percentile"][0] and high - low == pytest.approx(row["percentile"][2] - row["percentile"][1])
     # A rerun finds every row done and recomputes nothing.
     stamp = {p: p.stat().st_mtime_ns for p in (out / "baselines").rglob("metrics.json")}
     assert main(argv) == 0
