@@ -204,7 +204,8 @@ def test_a_search_reports_the_mitigation_baselines_with_intervals(tmp_path, tiny
         assert row["percentile"][:3] == pytest.approx(row["claim.json"][:3], rel=1e-9, abs=1e-9), row
         assert row["percentile"][3] == row["claim.json"][3]
         value, low, high, _ = row["basic"]
-        assert value == row["percentile"][0] and high - low == pytest.approx(row["percentile"][2] - row["percentile"][1])
+        width = row["percentile"][2] - row["percentile"][1]
+        assert value == row["percentile"][0] and high - low == pytest.approx(width)
     # A rerun finds every row done and recomputes nothing.
     stamp = {p: p.stat().st_mtime_ns for p in (out / "baselines").rglob("metrics.json")}
     assert main(argv) == 0
