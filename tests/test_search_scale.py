@@ -206,8 +206,9 @@ def test_spawned_worker_stops_when_its_coordinator_is_killed(tmp_path, tiny_pipe
     """``--workers 2``: the coordinator (worker 0) is SIGKILLed while the spawned worker 1 trains; worker 1 stops
     within seconds instead of training on, and says why in the search log (resuming after a crash: the tests
     above)."""
+    # More trials than worker 0 can finish while worker 1 starts: the kill comes as soon as worker 1 has one.
     cfg = write_config(tmp_path / "search.yaml", cheap_search_config(
-        tiny_pipe_dir, search_data, train={"steps": 40}, search={"n_trials": 3, "workers": 2}))
+        tiny_pipe_dir, search_data, train={"steps": 40}, search={"n_trials": 12, "workers": 2}))
     out = tmp_path / "run"
     url = f"sqlite:///{out / 'study.db'}"
     coordinator = subprocess.Popen(_command(cfg, out), env=_env(), stdout=subprocess.DEVNULL,
