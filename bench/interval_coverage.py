@@ -30,13 +30,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from memcontrol.metrics.intervals import bootstrap_indices, percentile_interval, resampled_frechet  # noqa: E402
+from memcontrol.metrics.intervals import (Interval, bootstrap_indices, percentile_interval,  # noqa: E402
+                                          resampled_frechet)
 
 
 def both(value: float, resampled: np.ndarray) -> dict:
-    """The percentile interval of ``resampled`` and the basic interval of the same quantiles, as (low, high)."""
+    """The percentile interval of ``resampled`` and the basic interval of the same quantiles."""
     p = percentile_interval(value, resampled)
-    return {"percentile": (p.low, p.high), "basic": (2 * value - p.high, 2 * value - p.low)}
+    return {"percentile": p, "basic": Interval(p.value, 2 * value - p.high, 2 * value - p.low)}
 
 
 def gaussian_run(rng, n: int, d: int, mean: float, spread: float) -> np.ndarray:
@@ -45,60 +46,64 @@ def gaussian_run(rng, n: int, d: int, mean: float, spread: float) -> np.ndarray:
     return rng.normal(size=(n, d)) * spread + shift
 
 
-def single(d: int, n: int, truth: float, reps: int, resamples: int) -> dict:
-    rng, ref = np.random.default_rng(0), (np.zeros(d), np.eye(d))
+def coverage(statistic_of, truth: float, n: int, reps: int, resamples: int, seed: int) -> dict:
+    """How often each interval covers ``truth``; ``statistic_of(rng)`` draws one replication's data and returns its
+    resampled statistic (index matrix -> values)."""
+    rng = np.random.default_rng(seed)
     hits, estimates = {"percentile": 0, "basic": 0}, []
     for r in range(reps):
-        statistic = resampled_frechet(gaussian_run(rng, n, d, np.sqrt(truth), 1.0), ref)
+        statistic = statistic_of(rng)
         value = float(statistic(np.arange(n)[None])[0])
         estimates.append(value)
-        for kind, (low, high) in both(value, statistic(bootstrap_indices(n, resamples, seed=r))).items():
-            hits[kind] += low <= truth <= high
+        for kind, ci in both(value, statistic(bootstrap_indices(n, resamples, seed=r))).items():
+            hits[kind] += ci.low <= truth <= ci.high
     return {"truth": truth, "mean estimate": float(np.mean(estimates)), **{k: v / reps for k, v in hits.items()}}
+
+
+def single(d: int, n: int, truth: float, reps: int, resamples: int) -> dict:
+    ref = (np.zeros(d), np.eye(d))
+    return coverage(lambda rng: resampled_frechet(gaussian_run(rng, n, d, np.sqrt(truth), 1.0), ref), truth, n,
+                    reps, resamples, seed=0)
 
 
 def difference(d: int, n: int, a: tuple, b: tuple, reps: int, resamples: int) -> dict:
     """Runs N(a0 e1, a1^2 I) and N(b0 e1, b1^2 I); the paired difference of their distances."""
-    rng, ref = np.random.default_rng(1), (np.zeros(d), np.eye(d))
+    ref = (np.zeros(d), np.eye(d))
     truth = (a[0] ** 2 + d * (a[1] - 1) ** 2) - (b[0] ** 2 + d * (b[1] - 1) ** 2)
-    hits, estimates = {"percentile": 0, "basic": 0}, []
-    every = np.arange(n)[None]
-    for r in range(reps):
+
+    def statistic_of(rng):
         fa = resampled_frechet(gaussian_run(rng, n, d, *a), ref)
         fb = resampled_frechet(gaussian_run(rng, n, d, *b), ref)
-        idx = bootstrap_indices(n, resamples, seed=r)
-        value = float(fa(every)[0] - fb(every)[0])
-        estimates.append(value)
-        for kind, (low, high) in both(value, fa(idx) - fb(idx)).items():
-            hits[kind] += low <= truth <= high
-    return {"truth": truth, "mean estimate": float(np.mean(estimates)), **{k: v / reps for k, v in hits.items()}}
+        return lambda idx: fa(idx) - fb(idx)
+
+    return coverage(statistic_of, truth, n, reps, resamples, seed=1)
+
+
+def _features(folder: Path) -> np.ndarray:
+    from safetensors.numpy import load_file
+
+    from memcontrol.search.trial import QUALITY_FEATURES
+
+    return load_file(str(folder / QUALITY_FEATURES))["features"].astype(np.float64)
 
 
 def study_bias(run: Path, resamples: int, seed: int) -> None:
-    from safetensors.numpy import load_file
-
     from memcontrol.metrics.quality import gaussian_stats
-    from memcontrol.search.objectives import QUALITY_REFERENCE
+    from memcontrol.search.claim import load_reference
     from memcontrol.search.trial import QUALITY_FEATURES
 
-    reference = load_file(str(run / QUALITY_REFERENCE))["features"].astype(np.float64)
+    reference = load_reference(run)
     stats = gaussian_stats(reference)
     print(f"\n{run}: each run's FD against its {len(reference)} held-out reference features")
     print(f"{'run':34s} {'FD':>7s} {'bias':>6s} {'percentile interval':>22s} {'basic interval':>22s}")
     for path in sorted(run.glob(f"*/*/{QUALITY_FEATURES}")):
-        features = load_file(str(path))["features"].astype(np.float64)
+        features = _features(path.parent)
         statistic = resampled_frechet(features, stats)
         value = float(statistic(np.arange(len(features))[None])[0])
         resampled = statistic(bootstrap_indices(len(features), resamples, seed))
-        ci = both(value, resampled)
-        text = {k: f"[{low:7.1f}, {high:7.1f}]" for k, (low, high) in ci.items()}
+        text = {k: f"[{ci.low:7.1f}, {ci.high:7.1f}]" for k, ci in both(value, resampled).items()}
         print(f"{str(path.parent.relative_to(run)):34s} {value:7.1f} {resampled.mean() - value:6.1f} "
               f"{text['percentile']:>22s} {text['basic']:>22s}")
-
-
-def verdict(low: float, high: float) -> str:
-    """Of a difference chosen minus other in FD (lower is better)."""
-    return "better" if high < 0 else "worse" if low > 0 else "no different"
 
 
 def claim_comparisons(run: Path, resamples: int, seed: int) -> list[dict]:
@@ -107,15 +112,13 @@ def claim_comparisons(run: Path, resamples: int, seed: int) -> list[dict]:
     (value, low, high, verdict)."""
     import json
 
-    from safetensors.numpy import load_file
-
     from memcontrol.metrics.quality import gaussian_stats
-    from memcontrol.search.objectives import QUALITY_REFERENCE
+    from memcontrol.search.claim import Comparison, load_reference
     from memcontrol.search.trial import QUALITY_FEATURES
 
     claim = json.loads((run / "claim.json").read_text())
-    stats = gaussian_stats(load_file(str(run / QUALITY_REFERENCE))["features"].astype(np.float64))
-    features = {r["label"]: load_file(str(Path(r["folder"]) / QUALITY_FEATURES))["features"].astype(np.float64)
+    stats = gaussian_stats(load_reference(run))
+    features = {r["label"]: _features(Path(r["folder"]))
                 for r in claim["runs"] if (Path(r["folder"]) / QUALITY_FEATURES).is_file()}
     chosen = resampled_frechet(features[claim["chosen"]], stats)
     n = len(features[claim["chosen"]])
@@ -126,8 +129,8 @@ def claim_comparisons(run: Path, resamples: int, seed: int) -> list[dict]:
         value = float(chosen(every)[0] - other(every)[0])
         recorded = c["quality_difference"]
         row = {"label": c["label"], "claim.json": (recorded["value"], recorded["low"], recorded["high"], c["quality"])}
-        for kind, (low, high) in both(value, chosen(idx) - other(idx)).items():
-            row[kind] = (value, low, high, verdict(low, high))
+        for kind, ci in both(value, chosen(idx) - other(idx)).items():
+            row[kind] = (ci.value, ci.low, ci.high, Comparison.verdict(ci))
         rows.append(row)
     print(f"\n{claim['chosen']} minus each row, FD (negative: the chosen candidate is better)")
     print(f"{'row':44s} {'claim.json':>30s} {'percentile, here':>30s} {'basic':>30s}")
