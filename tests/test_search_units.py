@@ -93,6 +93,20 @@ def _claim(study, trial, pid: int, pid_space: str | None, heartbeat: float | Non
 LONG = st.Recovery(heartbeat_s=60, grace_s=3600, max_attempts=2)
 
 
+def test_a_worker_that_died_unreaped_counts_as_dead():
+    # A spawned worker that crashed stays a zombie until the coordinator joins it, and signal 0 still reaches it.
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    while st._pid_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        st.os.kill(proc.pid, 0)  # still there for signals: the case this guards against
+        assert st._pid_alive(proc.pid) is False
+    finally:
+        proc.wait()
+    assert st._pid_alive(st.os.getpid())
+
+
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
 def test_trial_of_dead_worker_is_failed_and_queued_again(kind, tmp_path):
     study, _ = st.open_study(st.open_storage(_storages(tmp_path)[kind], LONG), "s")

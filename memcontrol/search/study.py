@@ -21,6 +21,7 @@ import os
 import random
 import re
 import socket
+import subprocess
 import threading
 import time
 import warnings
@@ -373,7 +374,16 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    # A worker that died but is not yet reaped by its parent (the coordinator joins its workers only at the end of a
+    # phase) still answers signal 0: a zombie runs nothing, so its trial is dead.
+    if os.path.isdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+                return fh.read().rpartition(")")[2].split()[0] != "Z"
+        except FileNotFoundError:  # it went between the two looks
+            return False
+    state = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout.strip()
+    return bool(state) and not state.startswith("Z")  # no procfs (macOS): ask ps
 
 
 def has_optuna_heartbeat(storage) -> bool:
