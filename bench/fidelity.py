@@ -80,7 +80,8 @@ def config(args, fidelity: bool, sampler: str, n_trials: int, seed: int, cache: 
         "early_stop": {"enabled": True, "every": max(1, args.steps // 6), "probe_prompts": 4,
                        "max_ratio": args.max_ratio},
         "search": {"n_trials": n_trials, "sampler": sampler, "seed": seed,
-                   "fidelity": {"enabled": fidelity, "min_steps": args.min_steps, "eta": args.eta}},
+                   "fidelity": {"enabled": fidelity, "min_steps": args.min_steps, "eta": args.eta,
+                                "schedule": args.schedule}},
         "baselines": {"enabled": False},
     }
 
@@ -189,7 +190,8 @@ def ranking_from_run(args, out: Path) -> dict:
 
     cfg = load_config(args.config)
     search = cfg.setdefault("search", {})
-    search.update(sampler="tpe", fidelity={**search.get("fidelity", {}), "enabled": True, "min_steps": args.min_steps})
+    search.update(sampler="tpe", fidelity={**search.get("fidelity", {}), "enabled": True, "min_steps": args.min_steps,
+                                          "schedule": args.schedule})
     found = study_candidates(Path(args.run))
     jobs = [(candidate, str(out / "ranking" / str(i))) for i, (_, candidate) in enumerate(found)]
     # Screens run as the study's trials did: ``--workers`` processes side by side, ``--threads`` threads each.
@@ -255,6 +257,8 @@ def main() -> None:
     parser.add_argument("--candidate-seed", type=int, default=1)
     parser.add_argument("--steps", type=int, default=60, help="full training budget")
     parser.add_argument("--min-steps", type=int, default=12, help="screening budget")
+    parser.add_argument("--schedule", choices=("truncated", "compressed"), default="truncated",
+                        help="a screen's learning-rate schedule (search.fidelity.schedule)")
     parser.add_argument("--eta", type=int, default=3)
     parser.add_argument("--prompts", type=int, default=16, help="memorization and quality samples of a full trial")
     parser.add_argument("--sample-steps", type=int, default=20)

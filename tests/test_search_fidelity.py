@@ -105,6 +105,26 @@ def test_nsga2_is_refused_with_fidelity(tiny_pipe_dir, search_data, tmp_path):
         load_settings(cfg, tmp_path)
 
 
+def test_a_compressed_screen_runs_the_whole_schedule_in_its_steps(tiny_pipe_dir, search_data, tmp_path):
+    from memcontrol.training import TrainConfig
+
+    full = TrainConfig.from_dict({"steps": 500, "warmup": 100, "schedule": "cosine", "lr": 1e-3})
+    truncated = fd.screen_train_config(full, {"min_steps": 100, "schedule": "truncated"})
+    compressed = fd.screen_train_config(full, {"min_steps": 100, "schedule": "compressed"})
+    assert (truncated.steps, truncated.warmup) == (100, 100)  # the screen is the warm-up and nothing else
+    assert (compressed.steps, compressed.warmup) == (100, 20)
+    assert compressed.schedule == "cosine" and compressed.lr == full.lr
+    assert fd.screen_train_config(full, {"min_steps": 900, "schedule": "compressed"}) == full
+
+    # Studies screened before the option existed keep their fingerprint; another schedule needs a new study.
+    def sections(schedule):
+        cfg = cheap_search_config(tiny_pipe_dir, search_data, search={
+            "sampler": "tpe", "fidelity": {"enabled": True, "schedule": schedule}})
+        return load_settings(cfg, tmp_path).fingerprint_sections()["fidelity"]
+
+    assert "schedule" not in sections("truncated") and sections("compressed")["schedule"] == "compressed"
+
+
 def _study(out):
     return optuna.load_study(storage=f"sqlite:///{out / 'study.db'}", study_name="memcontrol")
 

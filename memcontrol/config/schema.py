@@ -251,9 +251,12 @@ class FidelitySection(Section):
     """Multi-fidelity search (``memcontrol.search.fidelity``): every candidate is first trained ``min_steps`` steps
     and scored by cheap proxies; the best ``1/eta`` of each bracket of ``bracket`` candidates (default ``eta**2``)
     is trained again at its full steps and evaluated in full. ``quality_items`` held-out images, each at
-    ``quality_draws`` fixed (timestep, noise) draws, give the quality proxy (held-out denoising loss)."""
+    ``quality_draws`` fixed (timestep, noise) draws, give the quality proxy (held-out denoising loss). ``schedule``:
+    a screen is the full run's first ``min_steps`` steps (``truncated``), or the full run's schedule shrunk to
+    ``min_steps`` (``compressed``: warm-up scaled by ``min_steps / steps``, a cosine decay completed)."""
 
     enabled: bool = False
+    schedule: Literal["truncated", "compressed"] = "truncated"
     min_steps: Positive = 50
     eta: Annotated[int, Field(ge=2)] = 3
     bracket: Annotated[int, Field(ge=2)] | None = None

@@ -66,8 +66,12 @@ class SearchSettings:
                     "space": self.space, "objectives": self.objectives, "sampling": self.sampling,
                     "early_stop": self.early_stop}
         if self.search["fidelity"]["enabled"]:
-            # Only when on, so that studies made before multi-fidelity existed still resume.
-            sections["fidelity"] = self.search["fidelity"]
+            # Only when on, so that studies made before multi-fidelity existed still resume; likewise the screen's
+            # schedule only when it is not the one screens had before the option existed.
+            fid = dict(self.search["fidelity"])
+            if fid.get("schedule") == "truncated":
+                del fid["schedule"]
+            sections["fidelity"] = fid
         return sections
 
     def baseline_fingerprint_sections(self) -> dict:

@@ -165,7 +165,9 @@ def _evaluate(ctx, settings, candidate, folder, early_stop, keep_adapter, progre
     mask.to_json(folder / "mask.json")
     cfg = TrainConfig.from_dict({**settings.train, **candidate.train})
     if screen:
-        cfg = cfg.model_copy(update={"steps": min(cfg.steps, settings.search["fidelity"]["min_steps"])})
+        from .fidelity import screen_train_config
+
+        cfg = screen_train_config(cfg, settings.search["fidelity"])
         early_stop = False  # the probe noise norm at the end of the short run is the screen's own score
     stopper = NoiseNormStop(ctx) if early_stop and settings.early_stop["enabled"] else None
     # Adapter weights are initialised from torch's global generator when the mask is applied: seed it so that a
