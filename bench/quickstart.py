@@ -16,7 +16,10 @@ copies a private patient is known from identity (``memcontrol.metrics.ground_tru
 among the private patients and ``--others`` further patients of the private site rendered in memory, all through
 the model's VAE, is that patient's. The detector (nearest private patient in the config's features, above tau) is
 right when it names that patient. Precision and recall are given per run and pooled over every evaluated run of the
-study (with Wilson 95% intervals).
+study (with Wilson 95% intervals). Beside them, for the detections the truth calls right and those it calls wrong, how
+far each detected sample is from the detected patient once its global brightness and contrast are fitted (the affine
+residual): a wrong detection as close as the right ones is a copy at another exposure, which pixel L2 does not
+forgive, rather than a detector's mistake.
 """
 
 from __future__ import annotations
@@ -87,8 +90,20 @@ def detections(folder: Path, tau: float) -> list:
     return [n["key"] if n["similarity"] > tau else None for n in neighbours]
 
 
+def affine_residual(sample, reference) -> float:
+    """RMS difference left once a gain and an offset are fitted to ``reference`` by least squares: how far a sample
+    is from a patient's image whatever its global brightness and contrast (the truth's pixel L2 fits neither)."""
+    import torch
+
+    x, y = sample.flatten().double(), reference.flatten().double()
+    design = torch.stack([y, torch.ones_like(y)], 1)
+    fit = torch.linalg.lstsq(design, x[:, None]).solution[:, 0]
+    return float((x - design @ fit).square().mean().sqrt())
+
+
 def score_runs(run: Path, rows: list[dict], settings, images) -> dict:
-    """Truth and detector for every evaluated run: {folder: (truth, detected)}."""
+    """Truth and detector for every evaluated run: {folder: (truth, detected, residual)}, ``residual`` the affine
+    residual of each detected sample to the detected patient's first record (None where nothing was detected)."""
     from memcontrol.metrics.ground_truth import true_copies
 
     private, keys, others = images
@@ -100,8 +115,18 @@ def score_runs(run: Path, rows: list[dict], settings, images) -> dict:
         if r["state"] != "complete" or not (folder / "neighbours.json").is_file():
             continue
         samples, detected = run_samples(folder)[:, :channels], detections(folder, tau)
-        scored[r["folder"]] = (true_copies(samples, private, keys, others), detected)
+        residual = [None if d is None else affine_residual(x, private[keys.index(d)]) for x, d in zip(samples, detected)]
+        scored[r["folder"]] = (true_copies(samples, private, keys, others), detected, residual)
     return scored
+
+
+def residual_summary(values: list) -> str:
+    import numpy as np
+
+    if not values:
+        return "-"
+    q = np.percentile(values, [0, 50, 100])
+    return f"{q[1]:.3f} ({q[0]:.3f}-{q[2]:.3f}, {len(values)})"
 
 
 def floor_features(settings, n: int):
@@ -175,17 +200,27 @@ def main(argv=None) -> int:
     scored = score_runs(run, rows, settings, images)
     n_patients = len(set(images[1]))
     print()
-    print("| run | true copies | detector precision | detector recall |")
-    print("|---|---|---|---|")
+    print("| run | true copies | detector precision | detector recall | affine residual: right detections | "
+          "wrong detections |")
+    print("|---|---|---|---|---|---|")
+    right_all, wrong_all = [], []
     for r in rows:
         if r["folder"] not in scored:
             continue
-        truth, detected = scored[r["folder"]]
+        truth, detected, residual = scored[r["folder"]]
         pr = precision_recall(detected, truth)
+        right = [e for t, d, e in zip(truth, detected, residual) if d is not None and d == t]
+        wrong = [e for t, d, e in zip(truth, detected, residual) if d is not None and d != t]
+        right_all += right
+        wrong_all += wrong
         print(f"| {r['label']} | {pr['true_copies']}/{len(truth)} | {rate(pr['true_positives'], pr['detected'])} | "
-              f"{rate(pr['true_positives'], pr['true_copies'])} |")
-    truth = [t for tr, _ in scored.values() for t in tr]
-    detected = [d for _, de in scored.values() for d in de]
+              f"{rate(pr['true_positives'], pr['true_copies'])} | {residual_summary(right)} | "
+              f"{residual_summary(wrong)} |")
+    print("affine residual: RMS difference (images in [-1, 1]) between a detected sample and the detected patient's "
+          "image once a gain and an offset are fitted; median (range, count)")
+    print(f"all runs: right detections {residual_summary(right_all)}, wrong detections {residual_summary(wrong_all)}")
+    truth = [t for tr, _, _ in scored.values() for t in tr]
+    detected = [d for _, de, _ in scored.values() for d in de]
     pooled = precision_recall(detected, truth)
     print(f"detector against the truth (identity among {n_patients} private and {args.others} other patients of "
           f"the site; chance rate {chance_rate(n_patients, args.others):.2%}), pooled over {len(scored)} evaluated "

@@ -4,6 +4,7 @@ with two trials of a few steps, through the command line, then the benchmark's r
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import subprocess
 import sys
@@ -104,3 +105,16 @@ def test_the_benchmark_prints_the_claim_and_scores_the_run_against_the_truth(qui
         if (quick_run["out"] / name).is_file():
             folders |= {r["folder"] for r in csv.DictReader(open(quick_run["out"] / name)) if r["state"] == "complete"}
     assert f"pooled over {len(folders)} evaluated runs" in out and "chance rate" in out
+    assert "all runs: right detections" in out and "wrong detections" in out
+
+
+def test_the_affine_residual_forgives_exposure_and_nothing_else():
+    # bench/quickstart.py tells a copy at another exposure from another image: a gain and an offset are fitted away,
+    # the anatomy is not.
+    spec = importlib.util.spec_from_file_location("bench_quickstart", REPO / "bench" / "quickstart.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    gen = torch.Generator().manual_seed(0)
+    patient, other = torch.rand(2, 1, 3, 16, 16, generator=gen) * 2 - 1
+    assert bench.affine_residual(1.2 * patient - 0.3, patient) < 1e-6
+    assert bench.affine_residual(other, patient) > 0.4  # two uniform images share nothing a gain could fit
