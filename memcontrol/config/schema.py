@@ -253,7 +253,7 @@ class FidelitySection(Section):
     is trained again at its full steps and evaluated in full. ``quality_items`` held-out images, each at
     ``quality_draws`` fixed (timestep, noise) draws, give the quality proxy (held-out denoising loss). ``schedule``:
     a screen is the full run's first ``min_steps`` steps (``truncated``), or the full run's schedule shrunk to
-    ``min_steps`` (``compressed``: warm-up scaled by ``min_steps / steps``, a cosine decay completed)."""
+    ``min_steps`` (``compressed``: warm-up scaled by ``min_steps / steps``; a cosine schedule ends its decay)."""
 
     enabled: bool = False
     schedule: Literal["truncated", "compressed"] = "truncated"

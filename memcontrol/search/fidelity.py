@@ -105,7 +105,8 @@ def promoted(points: dict, eta: int, size: int | None = None) -> list:
 def screen_train_config(cfg, fidelity: dict):
     """The training settings of a screen: ``min_steps`` steps of the full run's schedule (``truncated``: its first
     steps, so a warm-up longer than the screen is all a screen sees), or the whole schedule shrunk to ``min_steps``
-    (``compressed``: warm-up scaled alike, a cosine decay completed, so the screen scores a settled model)."""
+    (``compressed``: warm-up scaled alike, so a cosine schedule has decayed by the screen's last step and the screen
+    scores a settled model)."""
     steps = min(cfg.steps, int(fidelity["min_steps"]))
     warmup = round(cfg.warmup * steps / cfg.steps) if fidelity["schedule"] == "compressed" else cfg.warmup
     return cfg.model_copy(update={"steps": steps, "warmup": warmup})
