@@ -108,6 +108,26 @@ def test_the_benchmark_prints_the_claim_and_scores_the_run_against_the_truth(qui
     assert "all runs: right detections" in out and "wrong detections" in out
 
 
+def test_the_seeds_benchmark_sets_studies_side_by_side(quick_run, tmp_path):
+    # Two copies of one study's claim, the second with full fine-tuning's quality moved beyond its interval.
+    claim = json.loads((quick_run["out"] / "claim.json").read_text())
+    moved = json.loads(json.dumps(claim))
+    full = next(r for r in moved["runs"] if r["label"] == "full fine-tuning")
+    width = full["quality"]["high"] - full["quality"]["low"]
+    full["quality"] = {k: v + 2 * width for k, v in full["quality"].items()}
+    (tmp_path / "seed1").mkdir()
+    (tmp_path / "seed1" / "claim.json").write_text(json.dumps(moved))
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "seeds.py"), str(quick_run["out"]),
+                           str(tmp_path / "seed1")], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    rows = {line.split(" | ")[0][2:]: line for line in done.stdout.splitlines() if line.startswith("| ")}
+    assert set(rows) >= {"base model, not fine-tuned", "full fine-tuning"}
+    assert len(rows) == len(claim["runs"]) + 1  # every row of the study, and the header
+    assert rows["base model, not fine-tuned"].count("| yes |") == 2
+    assert rows["full fine-tuning"].endswith("| no |")  # quality apart, copy rate the same
+    assert done.stdout.count("quality gain recovered by the chosen candidate") == 2
+
+
 def test_the_affine_residual_forgives_exposure_and_nothing_else():
     # bench/quickstart.py tells a copy at another exposure from another image: a gain and an offset are fitted away,
     # the anatomy is not.
