@@ -42,10 +42,10 @@ def overlap(figures: list[dict]) -> str:
 
 def shared_rows(claims: list[dict]) -> list[tuple[str, list[dict]]]:
     """Rows present in every study, by label, in the first study's order (the chosen row under one name)."""
-    def label(row: dict) -> str:
-        return "chosen, re-evaluated on fresh seeds" if "(chosen)" in row["label"] else row["label"]
+    def label(row: dict, claim: dict) -> str:
+        return "chosen candidate" if row["label"] == claim["chosen"] else row["label"]
 
-    tables = [{label(r): r for r in c["runs"]} for c in claims]
+    tables = [{label(r, c): r for r in c["runs"]} for c in claims]
     return [(name, [t[name] for t in tables]) for name in tables[0] if all(name in t for t in tables)]
 
 
