@@ -138,7 +138,9 @@ class Claim:
                              f"{c.quality_difference} ({Comparison.verdict(c.quality_difference)}) | "
                              f"{verdict} |")
             lines.append("[differences are chosen minus row: negative is better for the chosen candidate; "
-                         "'no different' when the 95% interval holds 0]")
+                         "'no different' when the 95% interval holds 0. The intervals cover the samples drawn from "
+                         "each trained model, not its training seed: two trainings of one configuration can differ "
+                         "by more]")
         return "\n".join(lines)
 
 
