@@ -65,8 +65,8 @@ def main(argv=None) -> int:
               + " | ".join(fmt(f) for f in quality) + f" | {overlap(quality)} |")
     print()
     for name, claim in zip(names, claims):
-        checks = "; ".join(f"{c['what']} {fmt(c['figure'], percent=True)} (target {c['target']}: "
-                           f"{'met' if c['met'] else 'not met'}{', shown' if c['shown'] else ''})"
+        # The claim's own wording of each check, as the search's report shows it.
+        checks = "; ".join(f"{c['what']} {c['figure_text']} (target {c['target']}): {c['state']}"
                            for c in claim["checks"])
         beats = [c["label"] for c in claim["comparisons"] if c["beats"]]
         print(f"{name}: chosen {claim['chosen']}; {checks}")
