@@ -13,8 +13,10 @@ that screens buy over random search at the same compute. On the bundled base mod
     controls, the full fine-tuning / LoRA-attention / bias+norm baselines; not the base model nor the mitigations,
     whose captions, data or sampling differ from a candidate's), screened at ``--min-steps``; the cost ratio is the
     study's total seconds of each run over its screen's (state how the study ran: ``--threads`` should match its
-    workers'). Besides the two proxies it prints the training images' denoising loss, negated (a candidate that fits
-    its own training images more memorizes more), against the memorization objective.
+    workers'). Three screen measures are compared: the training images' denoising loss, negated (train fit: a
+    candidate that fits its own training images more memorizes more) and the probe noise norm, each against the
+    memorization objective (``--memorization-proxy`` says which one the promotion rule reads), and the held-out
+    denoising loss against the quality objective.
 (b) Search. For each of ``--seeds``: a TPE search with multi-fidelity and a random search at full fidelity, at the
     same compute: the random search gets ``--random-trials`` candidates, the multi-fidelity one
     ``N = random_trials / (c + 1/eta)`` with ``c`` the screen / full cost measured in (a), so that screens plus
@@ -56,9 +58,15 @@ from memcontrol.search.worker import bind_space  # noqa: E402
 
 BASE_MODEL = ROOT / "data" / "base_model"
 HOSPITAL = ROOT / "data" / "hospital"
-PAIRS = (("screen_memorization", "memorization"), ("screen_quality", "quality"))
-# Compared with the full evaluation but not used by the promotion rule: the fit to the training images (negated loss).
-EXTRA = (("screen_train_fit", "memorization"),)
+# Each screen measure against the full-fidelity objective it stands for; --memorization-proxy says which of the two
+# memorization measures the promotion rule reads (both are recorded on every screen).
+MEASURES = (("screen_train_fit", "memorization"), ("screen_noise_norm", "memorization"), ("screen_quality", "quality"))
+
+
+def screen_measures(metrics: dict) -> dict:
+    return {"screen_train_fit": -metrics.get("screen_train_loss", math.nan),
+            "screen_noise_norm": metrics.get("screen_noise_norm", math.nan),
+            "screen_quality": metrics.get("screen_quality", math.nan)}
 
 
 def config(args, fidelity: bool, sampler: str, n_trials: int, seed: int, cache: Path) -> dict:
@@ -81,7 +89,7 @@ def config(args, fidelity: bool, sampler: str, n_trials: int, seed: int, cache: 
                        "max_ratio": args.max_ratio},
         "search": {"n_trials": n_trials, "sampler": sampler, "seed": seed,
                    "fidelity": {"enabled": fidelity, "min_steps": args.min_steps, "eta": args.eta,
-                                "schedule": args.schedule}},
+                                "schedule": args.schedule, "memorization_proxy": args.memorization_proxy}},
         "baselines": {"enabled": False},
     }
 
@@ -136,11 +144,12 @@ def ranking(args, out: Path) -> dict:
         row = {"candidate": i, "lr": candidate.train["lr"], "sites": len(candidate.sites),
                "screen_status": screen.status, "full_status": full.status,
                "screen_seconds": screen.compute["total_seconds"], "full_seconds": full.compute["total_seconds"],
-               **{k: screen.metrics.get(k) for k, _ in PAIRS},
+               **screen_measures(screen.metrics),
                **{k: v for k, v in full.metrics.items() if k.startswith(("memorization", "quality"))}}
         rows.append(row)
         print(f"candidate {i}: lr {row['lr']:.2e}, {row['sites']} sites | screen {screen.status} "
-              f"{row['screen_seconds']:.1f} s: {row['screen_memorization']}, {row['screen_quality']} | full "
+              f"{row['screen_seconds']:.1f} s: train fit {row['screen_train_fit']:.5g}, noise norm "
+              f"{row['screen_noise_norm']:.4g}, held-out loss {row['screen_quality']:.5g} | full "
               f"{full.status} {row['full_seconds']:.1f} s: {row.get('memorization')}, {row.get('quality')}",
               flush=True)
     return summarize(rows, args.candidate_seed)
@@ -191,7 +200,7 @@ def ranking_from_run(args, out: Path) -> dict:
     cfg = load_config(args.config)
     search = cfg.setdefault("search", {})
     search.update(sampler="tpe", fidelity={**search.get("fidelity", {}), "enabled": True, "min_steps": args.min_steps,
-                                          "schedule": args.schedule})
+                                          "schedule": args.schedule, "memorization_proxy": args.memorization_proxy})
     found = study_candidates(Path(args.run))
     jobs = [(candidate, str(out / "ranking" / str(i))) for i, (_, candidate) in enumerate(found)]
     # Screens run as the study's trials did: ``--workers`` processes side by side, ``--threads`` threads each.
@@ -205,23 +214,23 @@ def ranking_from_run(args, out: Path) -> dict:
         row = {"candidate": i, **full, "lr": candidate.train.get("lr"), "sites": len(candidate.sites),
                "family": candidate.family, "screen_status": screen["status"], "full_status": "ok",
                "screen_seconds": screen["seconds"], "full_seconds": full["total_seconds"],
-               **{k: m.get(k) for k, _ in PAIRS}, "screen_train_fit": -m.get("screen_train_loss", math.nan)}
+               **screen_measures(m)}
         rows.append(row)
         print(f"{row['label']}: {row['family']} {row['sites']} sites lr {row['lr']:.2e} | screen "
-              f"{row['screen_seconds']:.1f} s: noise norm {row['screen_memorization']:.4g}, held-out loss "
-              f"{row['screen_quality']:.5g}, train fit {row['screen_train_fit']:.5g} | full "
+              f"{row['screen_seconds']:.1f} s: train fit {row['screen_train_fit']:.5g}, noise norm "
+              f"{row['screen_noise_norm']:.4g}, held-out loss {row['screen_quality']:.5g} | full "
               f"{row['full_seconds']:.0f} s: {row['memorization']:.3f}, {row['quality']:.1f}", flush=True)
-    return summarize(rows, args.candidate_seed, EXTRA)
+    return summarize(rows, args.candidate_seed)
 
 
-def summarize(rows: list[dict], seed: int, extra=()) -> dict:
+def summarize(rows: list[dict], seed: int) -> dict:
     both = [r for r in rows if r["screen_status"] == "screened" and r["full_status"] == "ok"]
     ratios = [r["full_seconds"] / r["screen_seconds"] for r in rows]
     result = {"rows": rows, "compared": len(both),
               "cost_ratio": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)},
               "screen_over_full": statistics.median(r["screen_seconds"] for r in rows)
               / statistics.median(r["full_seconds"] for r in rows)}
-    for cheap, full in PAIRS + tuple(extra):
+    for cheap, full in MEASURES:
         agreement = rank_agreement([r[cheap] for r in both], [r[full] for r in both], seed)
         apart, pairs, agree = separated_pairs(both, full, cheap)
         result[f"{cheap}~{full}"] = {**agreement, "separated_pairs": apart, "pairs": pairs,
@@ -259,6 +268,8 @@ def main() -> None:
     parser.add_argument("--min-steps", type=int, default=12, help="screening budget")
     parser.add_argument("--schedule", choices=("truncated", "compressed"), default="truncated",
                         help="a screen's learning-rate schedule (search.fidelity.schedule)")
+    parser.add_argument("--memorization-proxy", choices=("train_fit", "noise_norm"), default="train_fit",
+                        help="the screen's memorization proxy (search.fidelity.memorization_proxy)")
     parser.add_argument("--eta", type=int, default=3)
     parser.add_argument("--prompts", type=int, default=16, help="memorization and quality samples of a full trial")
     parser.add_argument("--sample-steps", type=int, default=20)
@@ -300,7 +311,7 @@ def main() -> None:
     report["ranking"] = rank
     full_steps = f"the study's {args.run}" if args.run else f"{args.steps} steps"
     print(f"\n(a) ranking over {rank['compared']} candidates both evaluated (screen {args.min_steps} steps vs full "
-          f"evaluation: {full_steps}):")
+          f"evaluation: {full_steps}; the promotion rule's memorization proxy: screen_{args.memorization_proxy}):")
     for key, r in rank.items():
         if "~" in key:
             print(f"  {key}: Spearman {r['rho']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]; the full evaluation "

@@ -116,13 +116,17 @@ def test_a_compressed_screen_runs_the_whole_schedule_in_its_steps(tiny_pipe_dir,
     assert compressed.schedule == "cosine" and compressed.lr == full.lr
     assert fd.screen_train_config(full, {"min_steps": 900, "schedule": "compressed"}) == full
 
-    # Studies screened before the option existed keep their fingerprint; another schedule needs a new study.
-    def sections(schedule):
+    # Studies screened before the options existed (truncated, probe noise norm) keep their fingerprint; another
+    # schedule or the new default proxy needs a new study.
+    def sections(**fidelity):
         cfg = cheap_search_config(tiny_pipe_dir, search_data, search={
-            "sampler": "tpe", "fidelity": {"enabled": True, "schedule": schedule}})
+            "sampler": "tpe", "fidelity": {"enabled": True, **fidelity}})
         return load_settings(cfg, tmp_path).fingerprint_sections()["fidelity"]
 
-    assert "schedule" not in sections("truncated") and sections("compressed")["schedule"] == "compressed"
+    before = sections(schedule="truncated", memorization_proxy="noise_norm")
+    assert "schedule" not in before and "memorization_proxy" not in before
+    assert sections(schedule="compressed")["schedule"] == "compressed"
+    assert sections()["memorization_proxy"] == "train_fit"
 
 
 def _study(out):
@@ -151,8 +155,11 @@ def test_only_promoted_candidates_train_the_full_budget_and_resume_recomputes_no
     full = [t for t in trials if t.user_attrs[fd.ATTR_FIDELITY] == fd.FULL]
     assert len(screened) == 3 and len(full) == 2
     assert all(t.state == TrialState.PRUNED and t.user_attrs["steps"] == 2 for t in screened)
-    # The training images' denoising loss is kept beside the proxies (bench/fidelity.py compares it).
+    # The memorization proxy is the training images' fit (negated denoising loss, by default); the probe noise norm
+    # is kept beside it (bench/fidelity.py compares both).
     assert all(0.0 < t.user_attrs["screen_train_loss"] < 10.0 for t in screened)
+    assert all(t.user_attrs["screen_memorization"] == -t.user_attrs["screen_train_loss"] for t in screened)
+    assert all(t.user_attrs["screen_noise_norm"] > 0.0 for t in screened)
     assert all(t.state == TrialState.COMPLETE and t.user_attrs["steps"] == 6 for t in full)
     # Each promotion re-evaluates the best screened candidate of its bracket, with its parameters.
     by_number = {t.number: t for t in trials}

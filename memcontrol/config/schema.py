@@ -253,10 +253,14 @@ class FidelitySection(Section):
     is trained again at its full steps and evaluated in full. ``quality_items`` held-out images, each at
     ``quality_draws`` fixed (timestep, noise) draws, give the quality proxy (held-out denoising loss). ``schedule``:
     a screen is the full run's first ``min_steps`` steps (``truncated``), or the full run's schedule shrunk to
-    ``min_steps`` (``compressed``: warm-up scaled by ``min_steps / steps``; a cosine schedule ends its decay)."""
+    ``min_steps`` (``compressed``: warm-up scaled by ``min_steps / steps``; a cosine schedule ends its decay).
+    ``memorization_proxy``: how a screen scores memorization: ``train_fit``, the denoising loss on the training
+    images at fixed draws, negated (a candidate that fits its own training images more copies them more), or
+    ``noise_norm``, the probe prompts' text-conditional noise norm (what screens used before the option existed)."""
 
     enabled: bool = False
     schedule: Literal["truncated", "compressed"] = "truncated"
+    memorization_proxy: Literal["train_fit", "noise_norm"] = "train_fit"
     min_steps: Positive = 50
     eta: Annotated[int, Field(ge=2)] = 3
     bracket: Annotated[int, Field(ge=2)] | None = None

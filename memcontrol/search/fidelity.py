@@ -4,8 +4,12 @@ A full trial trains a candidate ``train.steps`` steps, then samples and measures
 cost as much as the training or more. With ``search.fidelity.enabled`` every candidate the sampler proposes is
 first *screened*: trained ``min_steps`` steps and scored by two proxies that need no sampling at all:
 
-- memorization: the text-conditional noise norm of the probe prompts (training captions), the signal early
-  stopping already watches (one UNet call per prompt);
+- memorization (``memorization_proxy``): by default the denoising loss on the training images at fixed draws,
+  negated (``train_fit``: a candidate that already fits its own training images closely is the one that goes on to
+  copy them); or the text-conditional noise norm of the probe prompts (``noise_norm``: training captions, the signal
+  early stopping watches). On two studies of the headline preset, 15 candidates each, screened at 100 of 500
+  steps, the training fit ranked the full evaluation's memorization at Spearman 0.69 and 0.87, the noise norm at
+  0.27 and 0.45 (README: multi-fidelity). Both are recorded on every screen.
 - quality: the denoising loss on held-out images (``quality_items`` images at ``quality_draws`` fixed timestep and
   noise draws each, the same draws for every candidate): a model that drifts from the image domain or copies its
   training set predicts the noise of unseen images of that domain worse. It is paired across candidates and
@@ -176,19 +180,21 @@ def screen_scores(ctx, unet, out: Outcome) -> Outcome:
         ctx.screen_data = {"heldout": build_screen_data(ctx, ctx.heldout_set),
                            "train": build_screen_data(ctx, ctx.train_set)}
     unet.eval()
-    memorization = probe_signal(ctx.settings, unet, ctx.pipe.scheduler, ctx.probe)
+    noise_norm = probe_signal(ctx.settings, unet, ctx.pipe.scheduler, ctx.probe)
     quality = denoising_loss(unet, ctx.screen_data["heldout"])
-    # Measured beside the proxies, not used by the promotion rule: how well the candidate fits its own training
-    # images at the same kind of draws (bench/fidelity.py compares it with the full evaluation).
     train_loss = denoising_loss(unet, ctx.screen_data["train"])
+    # Both memorization measures are kept, the configured one is the proxy the promotion rule reads.
+    by_proxy = {"train_fit": (-train_loss, "training-image fit"), "noise_norm": (noise_norm, "probe noise norm")}
+    memorization, name = by_proxy[ctx.settings.search["fidelity"]["memorization_proxy"]]
     out.compute["screen_seconds"] = round(time.perf_counter() - t0, 3)
-    out.metrics.update(screen_memorization=memorization, screen_quality=quality, screen_train_loss=train_loss)
+    out.metrics.update(screen_memorization=memorization, screen_quality=quality, screen_train_loss=train_loss,
+                       screen_noise_norm=noise_norm)
     if not (math.isfinite(memorization) and math.isfinite(quality)):
         out.status, out.reason = FAILED, f"screen proxies are not finite ({memorization}, {quality})"
         return out
     out.status = SCREENED
-    out.reason = (f"screened at {out.compute['steps']} steps: probe noise norm {memorization:.4g}, held-out "
-                  f"denoising loss {quality:.4g}")
+    out.reason = (f"screened at {out.compute['steps']} steps: {name} {memorization:.4g}, held-out denoising loss "
+                  f"{quality:.4g}")
     return out
 
 

@@ -67,10 +67,12 @@ class SearchSettings:
                     "early_stop": self.early_stop}
         if self.search["fidelity"]["enabled"]:
             # Only when on, so that studies made before multi-fidelity existed still resume; likewise the screen's
-            # schedule only when it is not the one screens had before the option existed.
+            # schedule and memorization proxy only when they are not what screens had before the options existed
+            # (so such a study resumes with memorization_proxy: noise_norm, and is refused with the new default).
             fid = dict(self.search["fidelity"])
-            if fid.get("schedule") == "truncated":
-                del fid["schedule"]
+            for key, before in (("schedule", "truncated"), ("memorization_proxy", "noise_norm")):
+                if fid.get(key) == before:
+                    del fid[key]
             sections["fidelity"] = fid
         return sections
 
