@@ -1,7 +1,9 @@
 """Known-truth copies on real phantoms: a copy is a sample whose nearest patient, among the private ones and many
 other patients of the same site, is a private one; and the detector's score against that truth."""
 
+import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,6 +43,23 @@ def test_a_blurred_average_of_patients_is_not_a_copy(cohort):
     assert true_copies(blend, private, keys, others) == [None]
     # it is the other patients that reject it: against the private images alone it is a "copy"
     assert true_copies(blend, private, keys, others[:0]) != [None]
+
+
+def test_pixel_l2_misses_copies_at_another_exposure_and_correlation_does_not(cohort):
+    # The truth's measured blind spot (bench/truth.py), and the alternative that bench compares it with.
+    spec = importlib.util.spec_from_file_location("bench_truth", Path(__file__).parent.parent / "bench" / "truth.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    private, keys, others = cohort
+    shifted = torch.stack([(gain * private[i] + offset).clamp(-1, 1) for i in range(8)
+                           for gain, offset in ((0.9, -0.2), (1.1, -0.15), (0.85, 0.05))])
+    owners = [k for k in keys[:8] for _ in range(3)]
+    assert bench.correlation(shifted, private, keys, others) == owners
+    by_l2 = true_copies(shifted, private, keys, others)
+    assert sum(a == b for a, b in zip(by_l2, owners)) < len(owners) - 4
+    # a flat sample correlates with nothing: it must not become the first private patient's copy
+    flat = torch.stack([torch.zeros(private.shape[1:]), torch.full(private.shape[1:], -1.0)])
+    assert bench.correlation(flat, private, keys, others) == [None, None]
 
 
 def test_resolution_mismatch_is_refused(cohort):
