@@ -24,8 +24,8 @@ passes every reference through the VAE first.
   for two sets of 8 private-site patients among 4,000 others, through the VAE; ``python bench/truth.py``), so it
   undercounts copies drawn darker or paler than their patient. Nearest by pixel correlation (a gain and an offset
   forgiven) names 92.5% and 95.0% of them, but is not used: it names generic samples of the site as copies of one
-  typical patient (a hub), 1 of the untuned base model's 32 samples in the headline study and 1 to 7 of 32 in
-  every trial there, where L2 names none.
+  typical patient (a hub): 1 of the untuned base model's 32 samples in the headline study, 1 to 7 of 32 in
+  every trial and random mask there, where L2 names none.
 """
 
 from __future__ import annotations
