@@ -138,3 +138,27 @@ def test_the_affine_residual_forgives_exposure_and_nothing_else():
     patient, other = torch.rand(2, 1, 3, 16, 16, generator=gen) * 2 - 1
     assert bench.affine_residual(1.2 * patient - 0.3, patient) < 1e-6
     assert bench.affine_residual(other, patient) > 0.4  # two uniform images share nothing a gain could fit
+
+
+def test_the_shadow_bench_measures_the_detector_on_a_model_that_never_saw_the_patients(quick_run, tmp_path):
+    # The scaled-down config's full fine-tuning on a shadow cohort of other patients, its samples from the private
+    # reports, the truth and the detector on them, then the study's detections at both taus; a rerun trains nothing.
+    command = [sys.executable, str(REPO / "bench" / "shadow.py"), "--config", str(quick_run["config"]),
+               "--out", str(tmp_path / "shadow"), "--sampling-seeds", "0", "1", "--others", "100",
+               "--study", str(quick_run["out"]), str(quick_run["config"])]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert "shadow model: 4 steps on 36 records of 8 patients" in done.stdout
+    n = 2 * 3  # two sampling seeds x the config's 3 prompts x 1 per prompt
+    assert f"shadow model's samples from the private reports: {n}" in done.stdout
+    assert "called copies by the identity truth: " in done.stdout and f"/{n} = " in done.stdout
+    assert done.stdout.count("precision") == 2 and "config tau" in done.stdout and "shadow tau" in done.stdout
+    # the shadow cohort's patients are others than the private ones (their reports come from their own seeds)
+    def reports(manifest):
+        return {r["text"] for r in csv.DictReader(open(manifest, encoding="utf-8"))}
+
+    shadow = reports(tmp_path / "shadow" / "shadow_cohort" / "manifest.csv")
+    assert shadow and not shadow & reports(HOSPITAL / "private" / "manifest.csv")
+    again = subprocess.run(command[:-3], capture_output=True, text=True, cwd=REPO)
+    assert again.returncode == 0, again.stderr
+    assert "shadow model:" not in again.stdout and f"samples from the private reports: {n}" in again.stdout

@@ -1,0 +1,169 @@
+"""The copy detector's false-positive rate on samples of a model that never saw the private patients: a shadow model.
+
+    python bench/shadow.py --out runs/shadow                                        # configs/paper.yaml's settings
+    python bench/shadow.py --out runs/shadow --study runs/paper configs/paper.yaml  # and a study rescored
+
+tau (``objectives.memorization.tau``) is calibrated on real held-out patients of the private site: the similarity that
+1% of them exceed to their nearest private record in the copy detector's features. Generated samples are not real
+patients: a fine-tuned model draws the site's look, its devices and reports, and the detector may place such samples
+nearer to the private records than real strangers come. The *shadow model* measures that, as membership-inference
+audits do: full fine-tuning exactly as the config's ``full_ft`` baseline (train settings, its learning rate, seed 0)
+on a shadow cohort built like the private one (8 private-site patients of another seed, ``--shadow-seed``, 4 of them
+repeated with 8 records each) that shares no patient with it. Its samples from the *private* training reports
+(``--sampling-seeds`` x the config's ``prompts`` reports x ``per_prompt``, as the search picks them) copy no private patient by construction. Printed:
+
+- how many of them the identity truth (``memcontrol.metrics.ground_truth``; 4,000 others) calls copies (should be
+  none: a check of the truth on realistic generated non-copies);
+- the share of them above the config's tau (the detector's false-positive rate on generated non-copies, Wilson 95%),
+  and the tau that ``--fpr`` of them exceed (the tau a shadow calibration would set);
+- with ``--study DIR CONFIG`` (repeatable), that study's detections at both taus against the identity truth, pooled
+  over its evaluated runs: precision and recall with Wilson 95% intervals.
+
+The shadow samples are kept in ``--out`` (a rerun reads them back and trains nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import torch  # noqa: E402
+
+SAMPLES = "shadow_samples.safetensors"
+
+
+def shadow_samples(settings, pipe, private, out: Path, shadow_seed: int, sampling_seeds: list[int]) -> torch.Tensor:
+    """Samples of the shadow model from the private cohort's reports (trained and drawn once, then read back)."""
+    from safetensors.torch import load_file, save_file
+
+    from memcontrol.data import load_source
+    from memcontrol.data.cohorts import PRIVATE
+    from memcontrol.data.hospital import make_phantoms
+    from memcontrol.masks import Mask
+    from memcontrol.sampling import generate_samples
+    from memcontrol.search.context import spread
+    from memcontrol.training import TrainConfig, cache_training_data, finetune, pipeline_with_unet
+
+    path = out / SAMPLES
+    if path.is_file():
+        return load_file(str(path))["samples"]
+    manifest = make_phantoms(out / "shadow_cohort", PRIVATE["patients"], shadow_seed, PRIVATE["duplicates"],
+                             size=settings.data["resolution"], site="private", records=PRIVATE["records"])
+    shadow = load_source({"source": str(manifest)}, settings.data["resolution"])
+    cfg = TrainConfig.from_dict({**settings.train, "lr": settings.baselines["lr"]["full_ft"], "seed": 0})
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    result = finetune(pipe, Mask.full_unet(pipe.unet), cache_training_data(pipe, shadow, None, progress=False), cfg)
+    if result.status != "ok":
+        raise SystemExit(f"the shadow fine-tune ended {result.status}: {result.reason}")
+    print(f"shadow model: {result.steps} steps on {len(shadow)} records of {PRIVATE['patients']} patients "
+          f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    prompts = spread(list(dict.fromkeys(private.captions)), settings.sampling["prompts"])  # as the search picks them
+    s = settings.sampling
+    shadow_pipe = pipeline_with_unet(pipe, result.merged_unet())
+    samples = torch.cat([generate_samples(shadow_pipe, prompts, n_per_prompt=s["per_prompt"], steps=s["steps"],
+                                          seed=seed, guidance_scale=s["guidance_scale"], sampler=s["sampler"])
+                         for seed in sampling_seeds])
+    save_file({"samples": samples.contiguous()}, str(path))
+    return samples
+
+
+def rate(hits: int, n: int) -> str:
+    from memcontrol.metrics.intervals import wilson
+
+    if not n:
+        return "-"
+    ci = wilson(hits, n)
+    return f"{hits}/{n} = {ci.value:.1%} [{ci.low:.1%}, {ci.high:.1%}]"
+
+
+def rescore(run: Path, config: Path, taus: dict, others: int) -> None:
+    """A study's detections at each tau against the identity truth, pooled over its evaluated runs."""
+    from memcontrol.config import load_config
+    from memcontrol.metrics.ground_truth import precision_recall, true_copies
+    from memcontrol.search.settings import load_settings
+    from quickstart import load_rows, real_images, run_samples
+
+    settings = load_settings(load_config(config), run)
+    private, keys, others_drawn = real_images(settings, others)
+    truth, similarity, nearest = [], [], []
+    for r in load_rows(run):
+        folder = run / r["folder"]
+        if r["state"] != "complete" or not (folder / "neighbours.json").is_file():
+            continue
+        truth += true_copies(run_samples(folder)[:, :private.shape[1]], private, keys, others_drawn)
+        for n in json.loads((folder / "neighbours.json").read_text()):
+            similarity.append(n["similarity"])
+            nearest.append(n["key"])
+    print(f"\n{run} ({len(truth)} samples, {sum(t is not None for t in truth)} true copies):")
+    for name, tau in taus.items():
+        pr = precision_recall([k if s > tau else None for k, s in zip(nearest, similarity)], truth)
+        print(f"  {name} {tau:.3f}: {pr['detected']} detected, precision {rate(pr['true_positives'], pr['detected'])}, "
+              f"recall {rate(pr['true_positives'], pr['true_copies'])}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", type=Path, default=ROOT / "configs" / "paper.yaml")
+    ap.add_argument("--out", type=Path, required=True, help="folder for the shadow cohort and samples (kept)")
+    ap.add_argument("--shadow-seed", type=int, default=80, help="cohort seed of the shadow patients")
+    ap.add_argument("--sampling-seeds", type=int, nargs="+", default=list(range(8)))
+    ap.add_argument("--fpr", type=float, default=0.01)
+    ap.add_argument("--others", type=int, default=4000, help="other patients of the site for the identity truth")
+    ap.add_argument("--study", nargs=2, action="append", default=[], metavar=("RUN", "CONFIG"),
+                    help="a finished study and its config: its detections rescored at both taus")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for run, config in args.study:
+        if not Path(run, "trials.csv").is_file() or not Path(config).is_file():
+            ap.error(f"--study {run} {config}: needs a finished study folder (trials.csv) and its config file")
+
+    from memcontrol.config import load_config
+    from memcontrol.data import load_source
+    from memcontrol.metrics import build_embedder
+    from memcontrol.metrics.ground_truth import true_copies
+    from memcontrol.metrics.memorization import tau_at_false_positive_rate
+    from memcontrol.metrics.nn_search import nearest_neighbours
+    from memcontrol.models import load_pipeline
+    from memcontrol.search.objectives import dataset_pixels
+    from memcontrol.search.settings import load_settings
+    from quickstart import real_images
+
+    start = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    settings = load_settings(load_config(args.config), args.out / "settings")
+    pipe = load_pipeline(settings.model["path"], option="model.path")
+    private = load_source(settings.data["train"], settings.data["resolution"])
+    samples = shadow_samples(settings, pipe, private, args.out, args.shadow_seed, args.sampling_seeds)
+
+    mem = settings.objectives["memorization"]
+    embedder = build_embedder(mem["features"], pipe=pipe)
+    train_feats = embedder.embed(torch.cat(list(dataset_pixels(private)))).float()
+    sims = nearest_neighbours(embedder.embed(samples).float(), train_feats, k=1, progress=False)[0][:, 0]
+    tau = float(mem["tau"])
+    refs, keys, others = real_images(settings, args.others)
+    called = sum(t is not None for t in true_copies(samples[:, :refs.shape[1]], refs, keys, others))
+    shadow_tau = tau_at_false_positive_rate(sims.double().numpy(), args.fpr)
+    print(f"\nshadow model's samples from the private reports: {len(samples)}")
+    print(f"  called copies by the identity truth: {rate(called, len(samples))}")
+    print(f"  above the config's tau {tau:.3f} (the detector's false-positive rate on them): "
+          f"{rate(int((sims > tau).sum()), len(samples))}")
+    print(f"  nearest-private similarity: median {sims.median():.3f}, max {sims.max():.3f}; the tau {args.fpr:.0%} of "
+          f"them exceed: {shadow_tau:.3f}")
+    for run, config in args.study:
+        rescore(Path(run), Path(config), {"config tau": tau, "shadow tau": shadow_tau}, args.others)
+    print(f"\n{time.perf_counter() - start:.0f} s; python bench/shadow.py {' '.join(argv or sys.argv[1:])}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
