@@ -19,12 +19,14 @@ right when it names that patient. Precision and recall are given per run and poo
 study (with Wilson 95% intervals). Beside them, for the detections the truth calls right and those it calls wrong, how
 far each detected sample is from the detected patient once its global brightness and contrast are fitted (the affine
 residual): a wrong detection as close as the right ones is a copy at another exposure, which pixel L2 does not
-forgive, rather than a detector's mistake.
+forgive, rather than a detector's mistake. Last, for the right and the wrong detections apart, how many
+name the patient whose report prompted the sample, and the patients named most.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import json
 import subprocess
@@ -72,6 +74,19 @@ def real_images(settings, others: int):
     # than two patients lie apart.
     vae = load_pipeline(settings.model["path"], option="model.path").vae
     return through_vae(vae, private), dataset.keys, through_vae(vae, others)
+
+
+def prompt_patients(settings, run: Path) -> list[str]:
+    """The patient of each memorization prompt, in the order the search draws them: its samples are prompt-major, so
+    sample i came from prompt i // per_prompt (each distinct training report once, spread as the search does)."""
+    from memcontrol.data import load_source, run_salt
+    from memcontrol.search.context import spread
+
+    dataset = load_source(settings.data["train"], settings.data["resolution"], salt=run_salt(run))
+    first = {}
+    for key, caption in zip(dataset.keys, dataset.captions):
+        first.setdefault(caption, key)
+    return [first[c] for c in spread(list(first), settings.sampling["prompts"])]
 
 
 def run_samples(folder: Path):
@@ -227,6 +242,21 @@ def main(argv=None) -> int:
           f"runs ({len(truth)} samples): {pooled['true_copies']} true copies, {pooled['detected']} detected, "
           f"{pooled['true_positives']} right; precision {rate(pooled['true_positives'], pooled['detected'])}, "
           f"recall {rate(pooled['true_positives'], pooled['true_copies'])}")
+    # Whom a detection names, against the report that prompted the sample: a wrong detection of the prompt's own
+    # patient, or of one patient whatever the prompt, is a model drawing that patient, which the truth's pixel L2
+    # may not count (other devices or exposure than the record's), not a false alarm on a stranger.
+    owners, per_prompt = prompt_patients(settings, run), settings.sampling["per_prompt"]
+    named = {True: collections.Counter(), False: collections.Counter()}
+    own = {True: 0, False: 0}
+    for truth, detected, _ in scored.values():
+        for i, (t, d) in enumerate(zip(truth, detected)):
+            if d is not None:
+                named[d == t][d] += 1
+                own[d == t] += i // per_prompt < len(owners) and d == owners[i // per_prompt]
+    for right in (True, False):
+        print(f"{'right' if right else 'wrong'} detections: {own[right]} of {sum(named[right].values())} name the "
+              f"patient whose report prompted the sample; the patients named most: "
+              + (", ".join(f"{k} x{n}" for k, n in named[right].most_common(3)) or "-"))
     return 0
 
 

@@ -106,6 +106,7 @@ def test_the_benchmark_prints_the_claim_and_scores_the_run_against_the_truth(qui
             folders |= {r["folder"] for r in csv.DictReader(open(quick_run["out"] / name)) if r["state"] == "complete"}
     assert f"pooled over {len(folders)} evaluated runs" in out and "chance rate" in out
     assert "all runs: right detections" in out and "wrong detections" in out
+    assert "name the patient whose report prompted the sample" in out
 
 
 def test_the_seeds_benchmark_sets_studies_side_by_side(quick_run, tmp_path):
