@@ -10,7 +10,8 @@ nearer to the private records than real strangers come. The *shadow model* measu
 audits do: full fine-tuning exactly as the config's ``full_ft`` baseline (train settings, its learning rate, seed 0)
 on a shadow cohort built like the private one (8 private-site patients of another seed, ``--shadow-seed``, 4 of them
 repeated with 8 records each) that shares no patient with it. Its samples from the *private* training reports
-(``--sampling-seeds`` x the config's ``prompts`` reports x ``per_prompt``, as the search picks them) copy no private patient by construction. Printed:
+(``--sampling-seeds`` x the config's ``prompts`` reports, as the search picks them, x ``per_prompt``) copy no
+private patient by construction. Printed:
 
 - how many of them the identity truth (``memcontrol.metrics.ground_truth``; 4,000 others) calls copies (should be
   none: a check of the truth on realistic generated non-copies);

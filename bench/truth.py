@@ -117,7 +117,8 @@ def check_set(label: str, private_seed: int, others: torch.Tensor, vae, args) ->
     print("|---|---|---|---|---|---|")
     for rule, name in RULES:
         own = sum(a == b for a, b in zip(rule(copies, private, keys, others), owners))
-        named = [sum(t is not None for t in rule(x, private, keys, others)) for x in (fresh, blends, *averages.values())]
+        named = [sum(t is not None for t in rule(x, private, keys, others))
+                 for x in (fresh, blends, *averages.values())]
         sizes = [len(fresh), len(blends), *(len(a) for a in averages.values())]
         print(f"| {name} | {share(own, len(owners))} | " + " | ".join(share(h, n) for h, n in zip(named, sizes)) + " |")
 
