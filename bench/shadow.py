@@ -7,8 +7,9 @@ tau (``objectives.memorization.tau``) is calibrated on real held-out patients of
 1% of them exceed to their nearest private record in the copy detector's features. Generated samples are not real
 patients: a fine-tuned model draws the site's look, its devices and reports, and the detector may place such samples
 nearer to the private records than real strangers come. The *shadow model* measures that, as membership-inference
-audits do: full fine-tuning exactly as the config's ``full_ft`` baseline (train settings, its learning rate, seed 0)
-on a shadow cohort built like the private one (8 private-site patients of another seed, ``--shadow-seed``, 4 of them
+audits do: fine-tuning exactly as one of the config's baseline rows (``--baseline``: ``full_ft`` by default,
+``lora_attention`` or ``bitfit_norm``, the low-capacity rows whose samples are blurrier; train settings, the row's
+learning rate, seed 0) on a shadow cohort built like the private one (8 private-site patients of another seed, ``--shadow-seed``, 4 of them
 repeated with 8 records each) that shares no patient with it. Its samples from the *private* training reports
 (``--sampling-seeds`` x the config's ``prompts`` reports, as the search picks them, x ``per_prompt``) copy no
 private patient by construction. Printed:
@@ -37,34 +38,34 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 
-SAMPLES = "shadow_samples.safetensors"
-
-
-def shadow_samples(settings, pipe, private, out: Path, shadow_seed: int, sampling_seeds: list[int]) -> torch.Tensor:
+def shadow_samples(settings, pipe, private, out: Path, shadow_seed: int, sampling_seeds: list[int],
+                   baseline: str) -> torch.Tensor:
     """Samples of the shadow model from the private cohort's reports (trained and drawn once, then read back)."""
     from safetensors.torch import load_file, save_file
 
     from memcontrol.data import load_source
     from memcontrol.data.cohorts import PRIVATE
     from memcontrol.data.hospital import make_phantoms
-    from memcontrol.masks import Mask
     from memcontrol.sampling import generate_samples
+    from memcontrol.search.baselines import baseline_candidate
     from memcontrol.search.context import spread
+    from memcontrol.search.trial import to_mask
     from memcontrol.training import TrainConfig, cache_training_data, finetune, pipeline_with_unet
 
-    path = out / SAMPLES
+    path = out / f"shadow_samples_{baseline}.safetensors"
     if path.is_file():
         return load_file(str(path))["samples"]
     manifest = make_phantoms(out / "shadow_cohort", PRIVATE["patients"], shadow_seed, PRIVATE["duplicates"],
                              size=settings.data["resolution"], site="private", records=PRIVATE["records"])
     shadow = load_source({"source": str(manifest)}, settings.data["resolution"])
-    cfg = TrainConfig.from_dict({**settings.train, "lr": settings.baselines["lr"]["full_ft"], "seed": 0})
+    candidate = baseline_candidate(baseline, settings, pipe.unet)
+    cfg = TrainConfig.from_dict({**settings.train, **candidate.train, "seed": 0})
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    result = finetune(pipe, Mask.full_unet(pipe.unet), cache_training_data(pipe, shadow, None, progress=False), cfg)
+    result = finetune(pipe, to_mask(candidate), cache_training_data(pipe, shadow, None, progress=False), cfg)
     if result.status != "ok":
         raise SystemExit(f"the shadow fine-tune ended {result.status}: {result.reason}")
-    print(f"shadow model: {result.steps} steps on {len(shadow)} records of {PRIVATE['patients']} patients "
+    print(f"shadow model ({baseline}, lr {cfg.lr:g}): {result.steps} steps on {len(shadow)} records of {PRIVATE['patients']} patients "
           f"({time.perf_counter() - t0:.0f} s)", flush=True)
     prompts = spread(list(dict.fromkeys(private.captions)), settings.sampling["prompts"])  # as the search picks them
     s = settings.sampling
@@ -115,6 +116,8 @@ def main(argv=None) -> int:
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "paper.yaml")
     ap.add_argument("--out", type=Path, required=True, help="folder for the shadow cohort and samples (kept)")
     ap.add_argument("--shadow-seed", type=int, default=80, help="cohort seed of the shadow patients")
+    ap.add_argument("--baseline", choices=("full_ft", "lora_attention", "bitfit_norm"), default="full_ft",
+                    help="how the shadow model is fine-tuned: as this baseline row of the config")
     ap.add_argument("--sampling-seeds", type=int, nargs="+", default=list(range(8)))
     ap.add_argument("--fpr", type=float, default=0.01)
     ap.add_argument("--others", type=int, default=4000, help="other patients of the site for the identity truth")
@@ -144,7 +147,7 @@ def main(argv=None) -> int:
     settings = load_settings(load_config(args.config), args.out / "settings")
     pipe = load_pipeline(settings.model["path"], option="model.path")
     private = load_source(settings.data["train"], settings.data["resolution"])
-    samples = shadow_samples(settings, pipe, private, args.out, args.shadow_seed, args.sampling_seeds)
+    samples = shadow_samples(settings, pipe, private, args.out, args.shadow_seed, args.sampling_seeds, args.baseline)
 
     mem = settings.objectives["memorization"]
     embedder = build_embedder(mem["features"], pipe=pipe)

@@ -149,7 +149,7 @@ def test_the_shadow_bench_measures_the_detector_on_a_model_that_never_saw_the_pa
                "--study", str(quick_run["out"]), str(quick_run["config"])]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr
-    assert "shadow model: 4 steps on 36 records of 8 patients" in done.stdout
+    assert "shadow model (full_ft, lr 0.002): 4 steps on 36 records of 8 patients" in done.stdout
     n = 2 * 3  # two sampling seeds x the config's 3 prompts x 1 per prompt
     assert f"shadow model's samples from the private reports: {n}" in done.stdout
     assert "called copies by the identity truth: " in done.stdout and f"/{n} = " in done.stdout
@@ -162,4 +162,4 @@ def test_the_shadow_bench_measures_the_detector_on_a_model_that_never_saw_the_pa
     assert shadow and not shadow & reports(HOSPITAL / "private" / "manifest.csv")
     again = subprocess.run(command[:-3], capture_output=True, text=True, cwd=REPO)
     assert again.returncode == 0, again.stderr
-    assert "shadow model:" not in again.stdout and f"samples from the private reports: {n}" in again.stdout
+    assert "shadow model (" not in again.stdout and f"samples from the private reports: {n}" in again.stdout
