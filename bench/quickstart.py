@@ -59,8 +59,6 @@ def real_images(settings, others: int):
     import torch
 
     from memcontrol.data import load_source, run_salt
-    from memcontrol.data.cohorts import private_site_heldout
-    from memcontrol.data.transforms import to_model_tensor
     from memcontrol.metrics.ground_truth import through_vae
     from memcontrol.models import load_pipeline
     from memcontrol.search.objectives import dataset_pixels
@@ -68,12 +66,23 @@ def real_images(settings, others: int):
     resolution = settings.data["resolution"]
     dataset = load_source(settings.data["train"], resolution, salt=run_salt(settings.out_dir))
     private = torch.cat(list(dataset_pixels(dataset)))
-    rendered, _ = private_site_heldout(others, resolution)
-    others = torch.stack([to_model_tensor(im, resolution, private.shape[1]) for im in rendered])
     # Compared as the model draws them (ground_truth.through_vae): its VAE cannot draw a private-site film closer
     # than two patients lie apart.
     vae = load_pipeline(settings.model["path"], option="model.path").vae
-    return through_vae(vae, private), dataset.keys, through_vae(vae, others)
+    return through_vae(vae, private), dataset.keys, other_patients(vae, others, resolution, private.shape[1])
+
+
+def other_patients(vae, count: int, resolution: int, channels: int):
+    """The identity truth's other patients: ``count`` patients of the private site rendered in memory, through
+    ``vae``."""
+    import torch
+
+    from memcontrol.data.cohorts import private_site_heldout
+    from memcontrol.data.transforms import to_model_tensor
+    from memcontrol.metrics.ground_truth import through_vae
+
+    rendered, _ = private_site_heldout(count, resolution)
+    return through_vae(vae, torch.stack([to_model_tensor(im, resolution, channels) for im in rendered]))
 
 
 def prompt_patients(settings, run: Path) -> list[str]:

@@ -9,10 +9,10 @@ patients: a fine-tuned model draws the site's look, its devices and reports, and
 nearer to the private records than real strangers come. The *shadow model* measures that, as membership-inference
 audits do: fine-tuning exactly as one of the config's baseline rows (``--baseline``: ``full_ft`` by default,
 ``lora_attention`` or ``bitfit_norm``, the low-capacity rows whose samples are blurrier; train settings, the row's
-learning rate, seed 0) on a shadow cohort built like the private one (8 private-site patients of another seed, ``--shadow-seed``, 4 of them
-repeated with 8 records each) that shares no patient with it. Its samples from the *private* training reports
-(``--sampling-seeds`` x the config's ``prompts`` reports, as the search picks them, x ``per_prompt``) copy no
-private patient by construction. Printed:
+learning rate, seed 0) on a shadow cohort built like the private one (8 private-site patients of another seed,
+``--shadow-seed``, 4 of them repeated with 8 records each) that shares no patient with it. Its samples from the
+*private* training reports (``--sampling-seeds`` x the config's ``prompts`` reports, as the search picks them, x
+``per_prompt``) copy no private patient by construction. Printed:
 
 - how many of them the identity truth (``memcontrol.metrics.ground_truth``; 4,000 others) calls copies (should be
   none: a check of the truth on realistic generated non-copies);
@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
+
 
 def shadow_samples(settings, pipe, private, out: Path, shadow_seed: int, sampling_seeds: list[int],
                    baseline: str) -> torch.Tensor:
@@ -65,8 +66,8 @@ def shadow_samples(settings, pipe, private, out: Path, shadow_seed: int, samplin
     result = finetune(pipe, to_mask(candidate), cache_training_data(pipe, shadow, None, progress=False), cfg)
     if result.status != "ok":
         raise SystemExit(f"the shadow fine-tune ended {result.status}: {result.reason}")
-    print(f"shadow model ({baseline}, lr {cfg.lr:g}): {result.steps} steps on {len(shadow)} records of {PRIVATE['patients']} patients "
-          f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    print(f"shadow model ({baseline}, lr {cfg.lr:g}): {result.steps} steps on {len(shadow)} records of "
+          f"{PRIVATE['patients']} patients ({time.perf_counter() - t0:.0f} s)", flush=True)
     prompts = spread(list(dict.fromkeys(private.captions)), settings.sampling["prompts"])  # as the search picks them
     s = settings.sampling
     shadow_pipe = pipeline_with_unet(pipe, result.merged_unet())
@@ -77,21 +78,13 @@ def shadow_samples(settings, pipe, private, out: Path, shadow_seed: int, samplin
     return samples
 
 
-def rate(hits: int, n: int) -> str:
-    from memcontrol.metrics.intervals import wilson
-
-    if not n:
-        return "-"
-    ci = wilson(hits, n)
-    return f"{hits}/{n} = {ci.value:.1%} [{ci.low:.1%}, {ci.high:.1%}]"
-
-
 def rescore(run: Path, config: Path, taus: dict, others: int) -> None:
     """A study's detections at each tau against the identity truth, pooled over its evaluated runs."""
     from memcontrol.config import load_config
     from memcontrol.metrics.ground_truth import precision_recall, true_copies
     from memcontrol.search.settings import load_settings
     from quickstart import load_rows, real_images, run_samples
+    from truth import share
 
     settings = load_settings(load_config(config), run)
     private, keys, others_drawn = real_images(settings, others)
@@ -107,8 +100,9 @@ def rescore(run: Path, config: Path, taus: dict, others: int) -> None:
     print(f"\n{run} ({len(truth)} samples, {sum(t is not None for t in truth)} true copies):")
     for name, tau in taus.items():
         pr = precision_recall([k if s > tau else None for k, s in zip(nearest, similarity)], truth)
-        print(f"  {name} {tau:.3f}: {pr['detected']} detected, precision {rate(pr['true_positives'], pr['detected'])}, "
-              f"recall {rate(pr['true_positives'], pr['true_copies'])}")
+        print(f"  {name} {tau:.3f}: {pr['detected']} detected, "
+              f"precision {share(pr['true_positives'], pr['detected'])}, "
+              f"recall {share(pr['true_positives'], pr['true_copies'])}")
 
 
 def main(argv=None) -> int:
@@ -141,6 +135,7 @@ def main(argv=None) -> int:
     from memcontrol.search.objectives import dataset_pixels
     from memcontrol.search.settings import load_settings
     from quickstart import real_images
+    from truth import share
 
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -158,9 +153,9 @@ def main(argv=None) -> int:
     called = sum(t is not None for t in true_copies(samples[:, :refs.shape[1]], refs, keys, others))
     shadow_tau = tau_at_false_positive_rate(sims.double().numpy(), args.fpr)
     print(f"\nshadow model's samples from the private reports: {len(samples)}")
-    print(f"  called copies by the identity truth: {rate(called, len(samples))}")
+    print(f"  called copies by the identity truth: {share(called, len(samples))}")
     print(f"  above the config's tau {tau:.3f} (the detector's false-positive rate on them): "
-          f"{rate(int((sims > tau).sum()), len(samples))}")
+          f"{share(int((sims > tau).sum()), len(samples))}")
     print(f"  nearest-private similarity: median {sims.median():.3f}, max {sims.max():.3f}; the tau {args.fpr:.0%} of "
           f"them exceed: {shadow_tau:.3f}")
     for run, config in args.study:

@@ -6,7 +6,7 @@ and offset forgiven), the alternative that was tried and not adopted.
     python bench/truth.py --run runs/paper --config configs/paper.yaml    # also a finished study's samples
 
 For each set P of 8 private-site patients, among ``--others`` further patients of the site (the truth's others,
-``memcontrol.data.cohorts.private_site_heldout``), everything drawn through the base model's VAE as the truth
+``bench/quickstart.py``'s ``other_patients``), everything drawn through the base model's VAE as the truth
 compares it (``memcontrol.metrics.ground_truth.through_vae``):
 
 - copies: ``--copies`` per patient, each re-acquired (``memcontrol.data.reacquire``: positioning and exposure
@@ -40,13 +40,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torchvision.transforms.functional import gaussian_blur  # noqa: E402
 
-from memcontrol.data.cohorts import SEEDS, private_site_heldout  # noqa: E402
+from memcontrol.data.cohorts import SEEDS  # noqa: E402
 from memcontrol.data.phantoms import describe_patient, patient_seeds, render_patients  # noqa: E402
 from memcontrol.data.reacquire import reacquire  # noqa: E402
 from memcontrol.data.transforms import to_model_tensor  # noqa: E402
 from memcontrol.metrics.ground_truth import chance_rate, through_vae, true_copies  # noqa: E402
 from memcontrol.metrics.intervals import wilson  # noqa: E402
 from memcontrol.models import load_pipeline  # noqa: E402
+from quickstart import other_patients  # noqa: E402
 
 SIZE = 64
 CHANNELS = 3  # the bundled model's images
@@ -89,6 +90,9 @@ RULES = ((true_copies, "pixel L2 (the truth)"), (correlation, "pixel correlation
 
 
 def share(hits: int, n: int) -> str:
+    """``hits`` of ``n`` with the share's Wilson 95% interval."""
+    if not n:
+        return "-"
     ci = wilson(hits, n)
     return f"{hits}/{n} = {ci.value:.1%} [{ci.low:.1%}, {ci.high:.1%}]"
 
@@ -169,8 +173,7 @@ def main(argv=None) -> int:
         ap.error("--run and --config go together: the study and the config it was made with")
     start = time.perf_counter()
     vae = load_pipeline(args.model, option="--model").vae
-    rendered, _ = private_site_heldout(args.others, SIZE)
-    others = through_vae(vae, torch.stack([to_model_tensor(im, SIZE, CHANNELS) for im in rendered]))
+    others = other_patients(vae, args.others, SIZE, CHANNELS)
     check_set("a fresh set of private-site patients", 77, others, vae, args)
     check_set("the bundled private cohort's patients", SEEDS["private"], others, vae, args)
     if args.run:
