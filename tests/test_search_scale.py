@@ -167,8 +167,16 @@ def test_sigkill_one_of_two_workers_mid_trial(kind, tmp_path, tiny_pipe_dir, sea
             except (KeyError, st.MemcontrolError):  # the study is not created yet
                 continue
             victim = _running_victim(study, out)
+            if victim is None:
+                continue
+            # Freeze the worker before deciding: a trial of 20 steps can finish between the look and the kill on a
+            # fast machine. Stopped, it cannot write; if it already has, let it go and catch another trial.
+            pid = int(victim.user_attrs[st.ATTR_WORKER].rpartition(":")[2])
+            os.kill(pid, signal.SIGSTOP)
+            if (out / "trials" / str(victim.number) / "metrics.json").exists():
+                os.kill(pid, signal.SIGCONT)
+                victim = None
         before = {t.number: t.values for t in study.get_trials() if t.state == TrialState.COMPLETE}
-        pid = int(victim.user_attrs[st.ATTR_WORKER].rpartition(":")[2])
         killed = next(p for p in procs if p.pid == pid)
         os.kill(pid, signal.SIGKILL)
         killed.wait()
