@@ -1,9 +1,10 @@
 """The identity truth checked on copies of known identity: does it name a copy's own patient, and does it leave
 non-copies alone. Pixel L2 (the truth, ``memcontrol.metrics.ground_truth``) beside pixel correlation (a global gain
-and offset forgiven), the alternative that was tried and not adopted.
+and offset forgiven), the alternative that was tried and not adopted, and (``--shadow``) correlation with a margin.
 
-    python bench/truth.py                                        # constructed copies and non-copies, two sets
-    python bench/truth.py --run runs/paper --config configs/paper.yaml    # also a finished study's samples
+    python bench/truth.py                                                # constructed copies and non-copies, two sets
+    python bench/truth.py --study runs/paper configs/paper.yaml          # also a finished study's samples (repeatable)
+    python bench/truth.py --shadow runs/shadow --study runs/paper configs/paper.yaml   # and the margin rule
 
 For each set P of 8 private-site patients, among ``--others`` further patients of the site (the truth's others,
 ``bench/quickstart.py``'s ``other_patients``), everything drawn through the base model's VAE as the truth
@@ -18,16 +19,25 @@ compares it (``memcontrol.metrics.ground_truth.through_vae``):
 - blends: ``--blends`` blurred (1 px) averages of two patients of P; averages of 16 and of 64 fresh patients
   (blurred 1.5 px, ``--averages`` each). Printed: the share named as a patient of P.
 
-Each for both rules, Wilson 95% intervals. Seeded: the same command prints the same figures. With ``--run`` and
-``--config``, every evaluated run of that study is scored by both rules too (the private records are the study's,
-through its model's VAE, as ``bench/quickstart.py`` scores them): how many of its samples each rule calls copies, and
-whose. The base model's samples are copies of nobody (it never saw the private patients): a rule that names some is
-wrong there, and so wherever else it names that patient for samples that look alike.
+Each for every rule, Wilson 95% intervals. Seeded: the same command prints the same figures. With ``--study RUN
+CONFIG``, every evaluated run of that study is scored by every rule too (the private records are the study's,
+through its model's VAE, as ``bench/quickstart.py`` scores them): how many of its samples each rule calls copies,
+and whose; then the copy detector's detections against each rule, precision and recall, pooled over the runs (and
+over the studies when there are several). The base model's samples are copies of nobody (it never saw the private
+patients): a rule that names some is wrong there, and so wherever else it names that patient for samples that look
+alike.
+
+The margin rule (``--shadow DIR``): correlation's nearest must also stand apart from everyone else, rho = (1 - r1) /
+(1 - r2) below a limit, r2 the best correlation with another patient (``correlation_margin``). The limit is
+calibrated on separate data, never on the studies: the samples of ``bench/shadow.py``'s shadow models (fine-tuned on
+other patients of the site, drawing from the private reports, so copies of no private patient), the largest limit at
+which at most ``--shadow-rate`` of them are called copies.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -73,20 +83,70 @@ def perturb(images: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     return torch.stack(out)
 
 
-def correlation(samples, private, keys, others) -> list:
-    """The alternative rule: nearest reference by pixel correlation (least squares with a gain and an offset leaves a
-    residual that falls as the correlation rises). A flat sample correlates with nothing."""
-    def standardized(x):
-        x = x.flatten(1).double()
-        x = x - x.mean(1, keepdim=True)
-        return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+def _standardized(x: torch.Tensor) -> torch.Tensor:
+    x = x.flatten(1).double()
+    x = x - x.mean(1, keepdim=True)
+    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
-    scores = standardized(samples) @ standardized(torch.cat([private, others])).T
+
+def correlation_margin(samples, private, keys, others) -> tuple[list, torch.Tensor]:
+    """Nearest reference by pixel correlation (least squares with a gain and an offset leaves a residual that falls
+    as the correlation rises): its key (None for one of ``others`` or a flat sample, which correlates with nothing),
+    and the margin ratio rho = (1 - r1) / (1 - r2), r2 the best correlation with any *other* patient (a private
+    patient's duplicate records are one patient). A copy stands apart from everyone else (small rho); a generic
+    sample near a typical patient (a hub) has a runner-up almost as close (rho near 1)."""
+    scores = _standardized(samples) @ _standardized(torch.cat([private, others])).T
+    ids = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+    patient = torch.tensor([ids[k] for k in keys] + list(range(len(ids), len(ids) + len(others))))
+    best = scores.argmax(1)
+    runner_up = scores.masked_fill(patient[None, :] == patient[best][:, None], -2.0).max(1).values
+    rho = (1 - scores.gather(1, best[:, None])[:, 0]).clamp_min(0) / (1 - runner_up).clamp_min(1e-12)
     flat = (scores.abs().sum(1) == 0).tolist()
-    return [None if f or i >= len(keys) else keys[i] for i, f in zip(scores.argmax(1).tolist(), flat)]
+    return [None if f or i >= len(keys) else keys[i] for i, f in zip(best.tolist(), flat)], rho
 
 
-RULES = ((true_copies, "pixel L2 (the truth)"), (correlation, "pixel correlation"))
+def correlation(samples, private, keys, others) -> list:
+    """The alternative rule: nearest reference by pixel correlation (see ``correlation_margin``)."""
+    return correlation_margin(samples, private, keys, others)[0]
+
+
+RULES = [(true_copies, "pixel L2 (the truth)"), (correlation, "pixel correlation")]
+
+
+def margin_rule(limit: float):
+    """Pixel correlation that also asks the copy to stand apart: nearest is a private patient and rho < ``limit``."""
+    def rule(samples, private, keys, others) -> list:
+        named, rho = correlation_margin(samples, private, keys, others)
+        return [k if k is not None and r < limit else None for k, r in zip(named, rho.tolist())]
+    return rule
+
+
+def calibrate_margin(shadow: Path, config: Path, others: int, rate: float) -> float:
+    """The largest rho limit at which at most ``rate`` of the shadow models' samples (``bench/shadow.py``: models that
+    never saw the private patients, drawing from the private reports) are called copies of a private patient."""
+    from safetensors.torch import load_file
+
+    from memcontrol.config import load_config
+    from memcontrol.search.settings import load_settings
+    from quickstart import real_images
+
+    files = sorted(shadow.glob("shadow_samples_*.safetensors"))
+    if not files:
+        raise SystemExit(f"--shadow {shadow}: no shadow_samples_*.safetensors there (python bench/shadow.py makes them)")
+    private, keys, others_drawn = real_images(load_settings(load_config(config), shadow / "settings"), others)
+    named, rho = [], []
+    for f in files:
+        n, r = correlation_margin(load_file(str(f))["samples"][:, :private.shape[1]], private, keys, others_drawn)
+        named += n
+        rho += r.tolist()
+        print(f"{f.name}: {sum(k is not None for k in n)} of {len(n)} nearest to a private patient by correlation")
+    near = sorted(r for k, r in zip(named, rho) if k is not None)
+    allowed = int(rate * len(named))
+    limit = near[allowed] if len(near) > allowed else float("inf")
+    print(f"margin limit: rho < {limit:.4f} calls at most {allowed} of the {len(named)} shadow samples "
+          f"({rate:.1%}); their rho when nearest a private patient: {', '.join(f'{r:.3f}' for r in near[:8])}"
+          f"{' ...' if len(near) > 8 else ''}")
+    return limit
 
 
 def share(hits: int, n: int) -> str:
@@ -97,7 +157,7 @@ def share(hits: int, n: int) -> str:
     return f"{hits}/{n} = {ci.value:.1%} [{ci.low:.1%}, {ci.high:.1%}]"
 
 
-def check_set(label: str, private_seed: int, others: torch.Tensor, vae, args) -> None:
+def check_set(label: str, private_seed: int, others: torch.Tensor, vae, args, rules) -> None:
     rng = np.random.default_rng(args.seed)
     patients = [describe_patient(s, "private") for s in patient_seeds(private_seed, 8)]
     keys = [str(i) for i in range(8)]
@@ -119,7 +179,7 @@ def check_set(label: str, private_seed: int, others: torch.Tensor, vae, args) ->
     print("| rule | copies named their own patient | fresh patients named a patient of P | two-patient blends "
           "named P | averages of 16 named P | averages of 64 named P |")
     print("|---|---|---|---|---|---|")
-    for rule, name in RULES:
+    for rule, name in rules:
         own = sum(a == b for a, b in zip(rule(copies, private, keys, others), owners))
         named = [sum(t is not None for t in rule(x, private, keys, others))
                  for x in (fresh, blends, *averages.values())]
@@ -127,30 +187,49 @@ def check_set(label: str, private_seed: int, others: torch.Tensor, vae, args) ->
         print(f"| {name} | {share(own, len(owners))} | " + " | ".join(share(h, n) for h, n in zip(named, sizes)) + " |")
 
 
-def check_study(run: Path, config: Path, others: int) -> None:
-    """Both rules on every evaluated run of a finished study: copies called, and the patients named."""
+def check_study(run: Path, config: Path, others: int, rules) -> dict:
+    """Every rule on every evaluated run of a finished study: copies called, and the patients named; then the copy
+    detector's detections (``neighbours.json``, at the config's tau) against each rule, pooled over the runs.
+    Returns each rule's pooled counts (``ground_truth.precision_recall``)."""
     import collections
 
     from memcontrol.config import load_config
+    from memcontrol.metrics.ground_truth import precision_recall
     from memcontrol.search.settings import load_settings
     from quickstart import load_rows, real_images, run_samples
 
     settings = load_settings(load_config(config), run)
+    tau = float(settings.objectives["memorization"]["tau"])
     private, keys, others = real_images(settings, others)
     print(f"\n### {run}: samples each rule calls copies (and of whom: the patients named most)\n")
-    print("| run | samples | " + " | ".join(name for _, name in RULES) + " |")
-    print("|---|---|" + "---|" * len(RULES))
+    print("| run | samples | " + " | ".join(name for _, name in rules) + " |")
+    print("|---|---|" + "---|" * len(rules))
+    detected, truths = [], [[] for _ in rules]
     for r in load_rows(run):
         folder = run / r["folder"]
         if r["state"] != "complete" or not (folder / "samples").is_dir():
             continue
         samples = run_samples(folder)[:, :private.shape[1]]
+        detected += [n["key"] if n["similarity"] > tau else None
+                     for n in json.loads((folder / "neighbours.json").read_text())]
         cells = []
-        for rule, _ in RULES:
-            named = collections.Counter(k for k in rule(samples, private, keys, others) if k is not None)
+        for (rule, _), truth in zip(rules, truths):
+            called = rule(samples, private, keys, others)
+            truth += called
+            named = collections.Counter(k for k in called if k is not None)
             whose = ", ".join(f"{k} x{n}" for k, n in named.most_common(2))
             cells.append(f"{sum(named.values())}" + (f" ({whose})" if whose else ""))
         print(f"| {r['label']} | {len(samples)} | " + " | ".join(cells) + " |")
+    counts = {name: precision_recall(detected, truth) for (_, name), truth in zip(rules, truths)}
+    print_detector(f"{run}: the detector at tau {tau:.3f}", counts)
+    return counts
+
+
+def print_detector(title: str, counts: dict) -> None:
+    print(f"\n{title}, against each rule:")
+    for name, c in counts.items():
+        print(f"  {name}: {c['true_copies']} copies, {c['detected']} detected; precision "
+              f"{share(c['true_positives'], c['detected'])}, recall {share(c['true_positives'], c['true_copies'])}")
 
 
 def main(argv=None) -> int:
@@ -164,20 +243,37 @@ def main(argv=None) -> int:
     ap.add_argument("--fresh-seed", type=int, default=78, help="cohort seed of the fresh patients (+1: the averages')")
     ap.add_argument("--seed", type=int, default=2026, help="perturbations and draws")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--run", type=Path, default=None, help="a finished study whose samples both rules also score")
-    ap.add_argument("--config", type=Path, default=None, help="the config the --run study was made with")
+    ap.add_argument("--study", nargs=2, action="append", default=[], metavar=("RUN", "CONFIG"),
+                    help="a finished study and its config: its samples scored by every rule (repeatable; pooled)")
+    ap.add_argument("--shadow", type=Path, default=None,
+                    help="bench/shadow.py's folder: adds correlation with a margin, its limit calibrated on the "
+                         "shadow samples there")
+    ap.add_argument("--shadow-config", type=Path, default=ROOT / "configs" / "paper.yaml",
+                    help="the config the shadow samples were made with")
+    ap.add_argument("--shadow-rate", type=float, default=0.005,
+                    help="share of the shadow samples the margin rule may call copies")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if (args.run is None) != (args.config is None):
-        ap.error("--run and --config go together: the study and the config it was made with")
+    for run, config in args.study:
+        if not Path(run, "trials.csv").is_file() or not Path(config).is_file():
+            ap.error(f"--study {run} {config}: needs a finished study folder (trials.csv) and its config file")
     start = time.perf_counter()
     vae = load_pipeline(args.model, option="--model").vae
     others = other_patients(vae, args.others, SIZE, CHANNELS)
-    check_set("a fresh set of private-site patients", 77, others, vae, args)
-    check_set("the bundled private cohort's patients", SEEDS["private"], others, vae, args)
-    if args.run:
-        check_study(args.run, args.config, args.others)
+    rules = list(RULES)
+    if args.shadow:
+        limit = calibrate_margin(args.shadow, args.shadow_config, args.others, args.shadow_rate)
+        rules.append((margin_rule(limit), f"correlation, rho < {limit:.3f}"))
+    check_set("a fresh set of private-site patients", 77, others, vae, args, rules)
+    check_set("the bundled private cohort's patients", SEEDS["private"], others, vae, args, rules)
+    pooled = {}
+    for run, config in args.study:
+        for name, c in check_study(Path(run), Path(config), args.others, rules).items():
+            pooled[name] = {k: pooled.get(name, {}).get(k, 0) + c[k] for k in ("true_positives", "detected",
+                                                                             "true_copies")}
+    if len(args.study) > 1:
+        print_detector(f"Pooled over {len(args.study)} studies: the detector", pooled)
     print(f"\n{time.perf_counter() - start:.0f} s; python bench/truth.py {' '.join(argv or sys.argv[1:])}")
     return 0
 

@@ -45,11 +45,16 @@ def test_a_blurred_average_of_patients_is_not_a_copy(cohort):
     assert true_copies(blend, private, keys, others[:0]) != [None]
 
 
-def test_pixel_l2_misses_copies_at_another_exposure_and_correlation_does_not(cohort):
-    # The truth's measured blind spot (bench/truth.py), and the alternative that bench compares it with.
+def bench_truth():
     spec = importlib.util.spec_from_file_location("bench_truth", Path(__file__).parent.parent / "bench" / "truth.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_pixel_l2_misses_copies_at_another_exposure_and_correlation_does_not(cohort):
+    # The truth's measured blind spot (bench/truth.py), and the alternative that bench compares it with.
+    bench = bench_truth()
     private, keys, others = cohort
     shifted = torch.stack([(gain * private[i] + offset).clamp(-1, 1) for i in range(8)
                            for gain, offset in ((0.9, -0.2), (1.1, -0.15), (0.85, 0.05))])
@@ -60,6 +65,19 @@ def test_pixel_l2_misses_copies_at_another_exposure_and_correlation_does_not(coh
     # a flat sample correlates with nothing: it must not become the first private patient's copy
     flat = torch.stack([torch.zeros(private.shape[1:]), torch.full(private.shape[1:], -1.0)])
     assert bench.correlation(flat, private, keys, others) == [None, None]
+
+
+def test_a_copy_stands_apart_and_an_average_does_not(cohort):
+    # bench/truth.py's margin: a copy's runner-up (another patient: c's duplicate record is c) is far behind it; a
+    # blurred average of the site's patients has one almost as near as its nearest
+    bench = bench_truth()
+    private, keys, others = cohort
+    copies = torch.stack([(1.1 * private[i] - 0.1).clamp(-1, 1) for i in (0, 2, 8)])
+    average = gaussian_blur(others[100:164].mean(0, keepdim=True), kernel_size=7, sigma=1.5)
+    named, rho = bench.correlation_margin(torch.cat([copies, average]), private, keys, others)
+    assert named[:3] == ["a", "c", "c"]
+    assert rho[:3].max() < 0.2 and rho[3] > 0.8, rho
+    assert bench.margin_rule(0.5)(torch.cat([copies, average]), private, keys, others) == ["a", "c", "c", None]
 
 
 def test_resolution_mismatch_is_refused(cohort):

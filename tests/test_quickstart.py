@@ -163,3 +163,16 @@ def test_the_shadow_bench_measures_the_detector_on_a_model_that_never_saw_the_pa
     again = subprocess.run(command[:-3], capture_output=True, text=True, cwd=REPO)
     assert again.returncode == 0, again.stderr
     assert "shadow model (" not in again.stdout and f"samples from the private reports: {n}" in again.stdout
+    # The identity truth's bench on the same shadow samples and study: the margin rule's limit calibrated on the
+    # shadow samples, every rule on the study's runs, and the detector against each rule.
+    truth = subprocess.run([sys.executable, str(REPO / "bench" / "truth.py"), "--others", "50", "--copies", "1",
+                            "--fresh", "4", "--blends", "2", "--averages", "2", "--shadow", str(tmp_path / "shadow"),
+                            "--shadow-config", str(quick_run["config"]),
+                            "--study", str(quick_run["out"]), str(quick_run["config"])],
+                           capture_output=True, text=True, cwd=REPO)
+    assert truth.returncode == 0, truth.stderr
+    assert "shadow_samples_full_ft.safetensors: " in truth.stdout and f" of {n} nearest to a private" in truth.stdout
+    assert "margin limit: rho < " in truth.stdout and "| correlation, rho < " in truth.stdout
+    detector = truth.stdout.split("the detector at tau")[1].splitlines()[1:4]
+    assert [line.split(":")[0].strip() for line in detector][:2] == ["pixel L2 (the truth)", "pixel correlation"]
+    assert all("precision" in line and "recall" in line for line in detector)
