@@ -25,7 +25,9 @@ passes every reference through the VAE first.
   undercounts copies drawn darker or paler than their patient. Nearest by pixel correlation (a gain and an offset
   forgiven) names 92.5% and 95.0% of them, but is not used: it names generic samples of the site as copies of one
   typical patient (a hub): 1 of the untuned base model's 32 samples in the headline study, 1 to 7 of 32 in
-  every trial and random mask there, where L2 names none.
+  every trial and random mask there, where L2 names none. Asking correlation's nearest patient to stand apart
+  from the runner-up, with the margin calibrated on samples of models that never saw the private patients, does
+  not help: none of those samples lands on a private patient, so no margin is set (``bench/truth.py --shadow``).
 """
 
 from __future__ import annotations
