@@ -10,7 +10,9 @@ nearer to the private records than real strangers come. The *shadow model* measu
 audits do: fine-tuning exactly as one of the config's baseline rows (``--baseline``: ``full_ft`` by default,
 ``lora_attention`` or ``bitfit_norm``, the low-capacity rows whose samples are blurrier; train settings, the row's
 learning rate, seed 0) on a shadow cohort built like the private one (8 private-site patients of another seed,
-``--shadow-seed``, 4 of them repeated with 8 records each) that shares no patient with it. Its samples from the
+``--shadow-seed``, 4 of them repeated with 8 records each) that shares no patient with it; or ``--baseline base``,
+the untuned model itself (give it other ``--sampling-seeds`` than a study's to keep its samples apart from the
+study's base-model row). Its samples from the
 *private* training reports (``--sampling-seeds`` x the config's ``prompts`` reports, as the search picks them, x
 ``per_prompt``) copy no private patient by construction. Printed:
 
@@ -44,18 +46,35 @@ def shadow_samples(settings, pipe, private, out: Path, shadow_seed: int, samplin
     """Samples of the shadow model from the private cohort's reports (trained and drawn once, then read back)."""
     from safetensors.torch import load_file, save_file
 
-    from memcontrol.data import load_source
-    from memcontrol.data.cohorts import PRIVATE
-    from memcontrol.data.hospital import make_phantoms
     from memcontrol.sampling import generate_samples
-    from memcontrol.search.baselines import baseline_candidate
     from memcontrol.search.context import spread
-    from memcontrol.search.trial import to_mask
-    from memcontrol.training import TrainConfig, cache_training_data, finetune, pipeline_with_unet
+    from memcontrol.training import pipeline_with_unet
 
     path = out / f"shadow_samples_{baseline}.safetensors"
     if path.is_file():
         return load_file(str(path))["samples"]
+    if baseline == "base":  # the untuned model: it never saw any patient of the private site
+        shadow_pipe = pipeline_with_unet(pipe, pipe.unet)
+    else:
+        shadow_pipe = pipeline_with_unet(pipe, _trained(settings, pipe, out, shadow_seed, baseline))
+    prompts = spread(list(dict.fromkeys(private.captions)), settings.sampling["prompts"])  # as the search picks them
+    s = settings.sampling
+    samples = torch.cat([generate_samples(shadow_pipe, prompts, n_per_prompt=s["per_prompt"], steps=s["steps"],
+                                          seed=seed, guidance_scale=s["guidance_scale"], sampler=s["sampler"])
+                         for seed in sampling_seeds])
+    save_file({"samples": samples.contiguous()}, str(path))
+    return samples
+
+
+def _trained(settings, pipe, out: Path, shadow_seed: int, baseline: str):
+    """The UNet fine-tuned as ``baseline`` on the shadow cohort (its DICOM files written to ``out``)."""
+    from memcontrol.data import load_source
+    from memcontrol.data.cohorts import PRIVATE
+    from memcontrol.data.hospital import make_phantoms
+    from memcontrol.search.baselines import baseline_candidate
+    from memcontrol.search.trial import to_mask
+    from memcontrol.training import TrainConfig, cache_training_data, finetune
+
     manifest = make_phantoms(out / "shadow_cohort", PRIVATE["patients"], shadow_seed, PRIVATE["duplicates"],
                              size=settings.data["resolution"], site="private", records=PRIVATE["records"])
     shadow = load_source({"source": str(manifest)}, settings.data["resolution"])
@@ -68,14 +87,7 @@ def shadow_samples(settings, pipe, private, out: Path, shadow_seed: int, samplin
         raise SystemExit(f"the shadow fine-tune ended {result.status}: {result.reason}")
     print(f"shadow model ({baseline}, lr {cfg.lr:g}): {result.steps} steps on {len(shadow)} records of "
           f"{PRIVATE['patients']} patients ({time.perf_counter() - t0:.0f} s)", flush=True)
-    prompts = spread(list(dict.fromkeys(private.captions)), settings.sampling["prompts"])  # as the search picks them
-    s = settings.sampling
-    shadow_pipe = pipeline_with_unet(pipe, result.merged_unet())
-    samples = torch.cat([generate_samples(shadow_pipe, prompts, n_per_prompt=s["per_prompt"], steps=s["steps"],
-                                          seed=seed, guidance_scale=s["guidance_scale"], sampler=s["sampler"])
-                         for seed in sampling_seeds])
-    save_file({"samples": samples.contiguous()}, str(path))
-    return samples
+    return result.merged_unet()
 
 
 def rescore(run: Path, config: Path, taus: dict, others: int) -> None:
@@ -110,8 +122,9 @@ def main(argv=None) -> int:
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "paper.yaml")
     ap.add_argument("--out", type=Path, required=True, help="folder for the shadow cohort and samples (kept)")
     ap.add_argument("--shadow-seed", type=int, default=80, help="cohort seed of the shadow patients")
-    ap.add_argument("--baseline", choices=("full_ft", "lora_attention", "bitfit_norm"), default="full_ft",
-                    help="how the shadow model is fine-tuned: as this baseline row of the config")
+    ap.add_argument("--baseline", choices=("full_ft", "lora_attention", "bitfit_norm", "base"), default="full_ft",
+                    help="how the shadow model is fine-tuned: as this baseline row of the config, or not at all "
+                         "(base: the untuned model)")
     ap.add_argument("--sampling-seeds", type=int, nargs="+", default=list(range(8)))
     ap.add_argument("--fpr", type=float, default=0.01)
     ap.add_argument("--others", type=int, default=4000, help="other patients of the site for the identity truth")

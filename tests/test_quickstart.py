@@ -163,6 +163,11 @@ def test_the_shadow_bench_measures_the_detector_on_a_model_that_never_saw_the_pa
     again = subprocess.run(command[:-3], capture_output=True, text=True, cwd=REPO)
     assert again.returncode == 0, again.stderr
     assert "shadow model (" not in again.stdout and f"samples from the private reports: {n}" in again.stdout
+    # the untuned model as a shadow: nothing trained, its samples kept beside the fine-tuned shadow's
+    base = subprocess.run(command[:-3] + ["--baseline", "base"], capture_output=True, text=True, cwd=REPO)
+    assert base.returncode == 0, base.stderr
+    assert "shadow model (" not in base.stdout and f"samples from the private reports: {n}" in base.stdout
+    assert (tmp_path / "shadow" / "shadow_samples_base.safetensors").is_file()
     # The identity truth's bench on the same shadow samples and study: the margin rule's limit calibrated on the
     # shadow samples, every rule on the study's runs, and the detector against each rule.
     truth = subprocess.run([sys.executable, str(REPO / "bench" / "truth.py"), "--others", "50", "--copies", "1",
@@ -171,7 +176,9 @@ def test_the_shadow_bench_measures_the_detector_on_a_model_that_never_saw_the_pa
                             "--study", str(quick_run["out"]), str(quick_run["config"])],
                            capture_output=True, text=True, cwd=REPO)
     assert truth.returncode == 0, truth.stderr
-    assert "shadow_samples_full_ft.safetensors: " in truth.stdout and f" of {n} nearest to a private" in truth.stdout
+    for name in ("base", "full_ft"):
+        assert f"shadow_samples_{name}.safetensors: " in truth.stdout
+    assert f" of {n} nearest to a private" in truth.stdout and f"of the {2 * n} shadow samples" in truth.stdout
     assert "margin limit: rho < " in truth.stdout and "| correlation, rho < " in truth.stdout
     detector = truth.stdout.split("the detector at tau")[1].splitlines()[1:4]
     assert [line.split(":")[0].strip() for line in detector][:2] == ["pixel L2 (the truth)", "pixel correlation"]
