@@ -37,7 +37,6 @@ which at most ``--shadow-rate`` of them are called copies.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -196,7 +195,7 @@ def check_study(run: Path, config: Path, others: int, rules) -> dict:
     from memcontrol.config import load_config
     from memcontrol.metrics.ground_truth import precision_recall
     from memcontrol.search.settings import load_settings
-    from quickstart import load_rows, real_images, run_samples
+    from quickstart import detections, load_rows, real_images, run_samples
 
     settings = load_settings(load_config(config), run)
     tau = float(settings.objectives["memorization"]["tau"])
@@ -207,11 +206,10 @@ def check_study(run: Path, config: Path, others: int, rules) -> dict:
     detected, truths = [], [[] for _ in rules]
     for r in load_rows(run):
         folder = run / r["folder"]
-        if r["state"] != "complete" or not (folder / "samples").is_dir():
+        if r["state"] != "complete" or not (folder / "neighbours.json").is_file():
             continue
         samples = run_samples(folder)[:, :private.shape[1]]
-        detected += [n["key"] if n["similarity"] > tau else None
-                     for n in json.loads((folder / "neighbours.json").read_text())]
+        detected += detections(folder, tau)
         cells = []
         for (rule, _), truth in zip(rules, truths):
             called = rule(samples, private, keys, others)
