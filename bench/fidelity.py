@@ -6,8 +6,10 @@ that screens buy over random search at the same compute. On the bundled base mod
     noise norm and held-out denoising loss) and evaluated in full (``--steps`` steps, sampling, metrics, no early
     stopping), the two interleaved (screen first for even candidates, full first for odd ones). Printed: Spearman
     between each proxy and its full-fidelity objective with a bootstrap 95% interval over candidates, how many
-    candidate pairs the full evaluation separates (their 95% intervals do not overlap), and the cost ratio (full
-    seconds / screen seconds per candidate: median and range).
+    candidate pairs the full evaluation separates (their 95% intervals do not overlap), a largest set of candidates
+    it tells apart pairwise with the Spearman over that set alone (the target's form: at least 8 candidates whose
+    differences lie outside the noise), and the cost ratio (full seconds / screen seconds per candidate: median and
+    range).
     With ``--run DIR --config FILE`` (a) takes its candidates and their full-fidelity values from a finished study
     instead (``memcontrol search --config FILE --out DIR``): every trained run of the search space in it (trials,
     controls, the full fine-tuning / LoRA-attention / bias+norm baselines; not the base model nor the mitigations,
@@ -129,6 +131,17 @@ def separated_pairs(rows: list[dict], name: str, cheap: str) -> tuple[int, int, 
     return apart, n * (n - 1) // 2, agree
 
 
+def apart_set(rows: list[dict], name: str) -> list[dict]:
+    """A largest set of candidates whose full-fidelity 95% intervals of ``name`` are pairwise disjoint: the issue's
+    "candidates whose differences lie outside the noise". Taking the lowest upper bound first, then the next interval
+    that starts above it, finds a largest such set (interval scheduling); the screen's values play no part in it."""
+    chosen: list[dict] = []
+    for row in sorted(rows, key=lambda r: (r[f"{name}_ci_high"], r["candidate"])):
+        if not chosen or chosen[-1][f"{name}_ci_high"] < row[f"{name}_ci_low"]:
+            chosen.append(row)
+    return chosen
+
+
 def ranking(args, out: Path) -> dict:
     settings = load_settings(config(args, True, "tpe", args.candidates, 0, out / "cache"), out / "ranking")
     ctx = build_context(settings, settings.model["device"], progress=False)
@@ -233,8 +246,13 @@ def summarize(rows: list[dict], seed: int) -> dict:
     for cheap, full in MEASURES:
         agreement = rank_agreement([r[cheap] for r in both], [r[full] for r in both], seed)
         apart, pairs, agree = separated_pairs(both, full, cheap)
+        distinct = apart_set(both, full)
         result[f"{cheap}~{full}"] = {**agreement, "separated_pairs": apart, "pairs": pairs,
-                                     "separated_pairs_same_order": agree}
+                                     "separated_pairs_same_order": agree,
+                                     "apart_set": [r["candidate"] for r in distinct],
+                                     "apart_set_spearman": rank_agreement([r[cheap] for r in distinct],
+                                                                          [r[full] for r in distinct], seed)
+                                     if len(distinct) >= 3 else None}
     return result
 
 
@@ -317,6 +335,9 @@ def main() -> None:
             print(f"  {key}: Spearman {r['rho']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]; the full evaluation "
                   f"separates {r['separated_pairs']} of {r['pairs']} pairs, the screen orders "
                   f"{r['separated_pairs_same_order']} of them the same way")
+            a = r["apart_set_spearman"]
+            print(f"    {len(r['apart_set'])} candidates pairwise apart (intervals disjoint): "
+                  + (f"Spearman over them {a['rho']:.2f} [{a['ci_low']:.2f}, {a['ci_high']:.2f}]" if a else "too few"))
     c = rank["cost_ratio"]
     print(f"  cost: a full trial costs x{c['median']:.1f} a screen (median; range {c['min']:.1f}-{c['max']:.1f})")
     (out / "fidelity.json").write_text(json.dumps(report, indent=2, default=float) + "\n")

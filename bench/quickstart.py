@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import collections
 import csv
+import functools
 import json
 import subprocess
 import sys
@@ -69,20 +70,29 @@ def real_images(settings, others: int):
     # Compared as the model draws them (ground_truth.through_vae): its VAE cannot draw a private-site film closer
     # than two patients lie apart.
     vae = load_pipeline(settings.model["path"], option="model.path").vae
-    return through_vae(vae, private), dataset.keys, other_patients(vae, others, resolution, private.shape[1])
+    return (through_vae(vae, private), dataset.keys,
+            other_patients(Path(settings.model["path"]), others, resolution, private.shape[1]))
 
 
-def other_patients(vae, count: int, resolution: int, channels: int):
-    """The identity truth's other patients: ``count`` patients of the private site rendered in memory, through
-    ``vae``."""
+@functools.lru_cache(maxsize=4)
+def _other_patients(model: Path, count: int, resolution: int, channels: int):
     import torch
 
     from memcontrol.data.cohorts import private_site_heldout
     from memcontrol.data.transforms import to_model_tensor
     from memcontrol.metrics.ground_truth import through_vae
+    from memcontrol.models import load_pipeline
 
     rendered, _ = private_site_heldout(count, resolution)
+    vae = load_pipeline(model, option="model.path").vae
     return through_vae(vae, torch.stack([to_model_tensor(im, resolution, channels) for im in rendered]))
+
+
+def other_patients(model: Path, count: int, resolution: int, channels: int):
+    """The identity truth's other patients: ``count`` patients of the private site rendered in memory, through the VAE
+    of the diffusers folder ``model``. Rendered once per process (4,000 take about a minute) however many studies a
+    bench scores against them; callers only read the tensor."""
+    return _other_patients(Path(model).resolve(), count, resolution, channels)
 
 
 def prompt_patients(settings, run: Path) -> list[str]:

@@ -29,7 +29,6 @@ The shadow samples are kept in ``--out`` (a rerun reads them back and trains not
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -95,23 +94,22 @@ def rescore(run: Path, config: Path, taus: dict, others: int) -> None:
     from memcontrol.config import load_config
     from memcontrol.metrics.ground_truth import precision_recall, true_copies
     from memcontrol.search.settings import load_settings
-    from quickstart import load_rows, real_images, run_samples
+    from quickstart import detections, load_rows, real_images, run_samples
     from truth import share
 
     settings = load_settings(load_config(config), run)
     private, keys, others_drawn = real_images(settings, others)
-    truth, similarity, nearest = [], [], []
+    truth, detected = [], {name: [] for name in taus}
     for r in load_rows(run):
         folder = run / r["folder"]
         if r["state"] != "complete" or not (folder / "neighbours.json").is_file():
             continue
         truth += true_copies(run_samples(folder)[:, :private.shape[1]], private, keys, others_drawn)
-        for n in json.loads((folder / "neighbours.json").read_text()):
-            similarity.append(n["similarity"])
-            nearest.append(n["key"])
+        for name, tau in taus.items():
+            detected[name] += detections(folder, tau)
     print(f"\n{run} ({len(truth)} samples, {sum(t is not None for t in truth)} true copies):")
     for name, tau in taus.items():
-        pr = precision_recall([k if s > tau else None for k, s in zip(nearest, similarity)], truth)
+        pr = precision_recall(detected[name], truth)
         print(f"  {name} {tau:.3f}: {pr['detected']} detected, "
               f"precision {share(pr['true_positives'], pr['detected'])}, "
               f"recall {share(pr['true_positives'], pr['true_copies'])}")

@@ -258,7 +258,7 @@ def main(argv=None) -> int:
             ap.error(f"--study {run} {config}: needs a finished study folder (trials.csv) and its config file")
     start = time.perf_counter()
     vae = load_pipeline(args.model, option="--model").vae
-    others = other_patients(vae, args.others, SIZE, CHANNELS)
+    others = other_patients(args.model, args.others, SIZE, CHANNELS)
     rules = list(RULES)
     if args.shadow:
         limit = calibrate_margin(args.shadow, args.shadow_config, args.others, args.shadow_rate)

@@ -1,11 +1,16 @@
 """Multi-fidelity search: the promotion rule on hand-made scores, the hypervolume on a hand-computed front, the
-brackets read back from a real study, and a tiny search where only the promoted fraction trains at the full
-budget, resumed without recomputing anything."""
+ranking bench's largest set of candidates the full evaluation tells apart, the brackets read back from a real
+study, and a tiny search where only the promoted fraction trains at the full budget, resumed without recomputing
+anything."""
 
 from __future__ import annotations
 
 import csv
+import importlib.util
+import itertools
 import math
+import random
+from pathlib import Path
 
 import optuna
 import pytest
@@ -21,6 +26,7 @@ from memcontrol.search.hypervolume import hypervolume_2d
 from memcontrol.search.settings import load_settings
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+REPO = Path(__file__).resolve().parent.parent
 
 # Rank 0: 0, 1, 2, 3, 4; rank 1: 5, 6, 7 (each dominated by a rank-0 point); rank 2: 8.
 # Crowding in rank 0 (both objectives span 8): 0 and 4 are ends (inf); 1: 3/8 + 4/8 = 0.875;
@@ -58,6 +64,32 @@ def test_hypervolume_of_a_hand_computed_front():
     # Dominated, duplicated, outside the box or non-finite points add nothing.
     noisy = front + [(2.5, 2.5), (1.0, 2.0), (4.0, 0.0), (0.5, 3.0), (math.nan, 0.0)]
     assert hypervolume_2d(noisy, (3, 3)) == pytest.approx(3.0, abs=1e-12)
+
+
+def _bench_fidelity():
+    spec = importlib.util.spec_from_file_location("bench_fidelity", REPO / "bench" / "fidelity.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_largest_set_of_candidates_pairwise_apart():
+    bench = _bench_fidelity()
+    rng = random.Random(0)
+    for _ in range(200):
+        rows = []
+        for i in range(rng.randint(1, 8)):
+            low = rng.uniform(0, 10)
+            rows.append({"candidate": i, "q": low + 0.5, "q_ci_low": low, "q_ci_high": low + rng.uniform(0.1, 3)})
+        chosen = bench.apart_set(rows, "q")
+        # Pairwise disjoint intervals ...
+        spans = sorted((r["q_ci_low"], r["q_ci_high"]) for r in chosen)
+        assert all(a[1] < b[0] for a, b in zip(spans, spans[1:]))
+        # ... and no larger disjoint set exists (brute force over every subset).
+        best = max(len(subset) for k in range(1, len(rows) + 1) for subset in itertools.combinations(rows, k)
+                   if all(min(a["q_ci_high"], b["q_ci_high"]) < max(a["q_ci_low"], b["q_ci_low"])
+                          for a, b in itertools.combinations(subset, 2)))
+        assert len(chosen) == best
     assert hypervolume_2d([(0.0, 0.0)], (2, 0.5)) == pytest.approx(1.0, abs=1e-12)
     assert hypervolume_2d([], (1, 1)) == 0.0
 
