@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from PIL import Image
 
 from memcontrol.data import describe_patient, make_phantoms, patient_seeds, read_dicom, render_phantoms
 from memcontrol.data.cohorts import HELDOUT_PATIENTS, PRIVATE, SEEDS, private_site_heldout
@@ -142,6 +143,26 @@ def test_repeated_patients_have_all_their_records(tmp_path):
         make_phantoms(tmp_path / "y", 2, seed=1, duplicates=1, records=1)
 
 
+def assert_same_file(written: Path, shipped: Path) -> None:
+    """The pipeline's file is the shipped one: manifests and headers byte for byte; pixels within one stored unit.
+    The phantoms are rendered in float and quantised to 16 (DICOM) or 8 (PNG) bits, so another CPU's rounding can move
+    a value that sits on a quantisation boundary by one unit (seen: one pixel of 4,096 in 10 of the 36 + 64 DICOM
+    files, rendered on an Intel CPU against files written on an AMD one)."""
+    if written.read_bytes() == shipped.read_bytes():
+        return
+    assert written.suffix in (".dcm", ".png"), f"{written.name} differs from the shipped file"
+    if written.suffix == ".dcm":
+        a, b = pydicom.dcmread(written), pydicom.dcmread(shipped)
+        pixel_data = (0x7FE0, 0x0010)
+        assert [e for e in a if e.tag != pixel_data] == [e for e in b if e.tag != pixel_data], written.name
+        pixels = a.pixel_array.astype(np.int64), b.pixel_array.astype(np.int64)
+    else:
+        pixels = tuple(np.asarray(Image.open(f), dtype=np.int64) for f in (written, shipped))
+    assert pixels[0].shape == pixels[1].shape, written.name
+    off = np.abs(pixels[0] - pixels[1])
+    assert off.max() <= 1 and (off > 0).mean() <= 0.01, (written.name, int(off.max()), int((off > 0).sum()))
+
+
 def test_shipped_cohorts_are_the_stated_ones_and_what_the_pipeline_writes(tmp_path):
     sys.path.insert(0, str(REPO / "pipelines"))
     try:
@@ -153,7 +174,7 @@ def test_shipped_cohorts_are_the_stated_ones_and_what_the_pipeline_writes(tmp_pa
     written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
     assert written == sorted(p.relative_to(shipped) for p in shipped.rglob("*") if p.is_file())
     for name in written:
-        assert (tmp_path / name).read_bytes() == (shipped / name).read_bytes(), name
+        assert_same_file(tmp_path / name, shipped / name)
 
     private = read_manifest(shipped / "private" / "manifest.csv")
     records = Counter(r["subject"] for r in private)
