@@ -54,6 +54,15 @@ def load_rows(run: Path) -> list[dict]:
     return rows
 
 
+def evaluated_runs(run: Path, rows: list[dict] | None = None):
+    """(row, folder) of every run the search measured to the end, its detector's neighbours kept (neighbours.json);
+    ``rows`` default to the study's (``load_rows``)."""
+    for r in load_rows(run) if rows is None else rows:
+        folder = run / r["folder"]
+        if r["state"] == "complete" and (folder / "neighbours.json").is_file():
+            yield r, folder
+
+
 def real_images(settings, others: int):
     """Private images with their patient keys at the run's resolution, and ``others`` patients of the private site
     rendered in memory (the identity truth's other patients), all through the model's VAE."""
@@ -144,10 +153,7 @@ def score_runs(run: Path, rows: list[dict], settings, images) -> dict:
     channels = private.shape[1]
     tau = float(settings.objectives["memorization"]["tau"])
     scored = {}
-    for r in rows:
-        folder = run / r["folder"]
-        if r["state"] != "complete" or not (folder / "neighbours.json").is_file():
-            continue
+    for r, folder in evaluated_runs(run, rows):
         samples, detected = run_samples(folder)[:, :channels], detections(folder, tau)
         residual = [None if d is None else affine_residual(x, private[keys.index(d)]) for x, d in zip(samples, detected)]
         scored[r["folder"]] = (true_copies(samples, private, keys, others), detected, residual)

@@ -94,16 +94,13 @@ def rescore(run: Path, config: Path, taus: dict, others: int) -> None:
     from memcontrol.config import load_config
     from memcontrol.metrics.ground_truth import precision_recall, true_copies
     from memcontrol.search.settings import load_settings
-    from quickstart import detections, load_rows, real_images, run_samples
+    from quickstart import detections, evaluated_runs, real_images, run_samples
     from truth import share
 
     settings = load_settings(load_config(config), run)
     private, keys, others_drawn = real_images(settings, others)
     truth, detected = [], {name: [] for name in taus}
-    for r in load_rows(run):
-        folder = run / r["folder"]
-        if r["state"] != "complete" or not (folder / "neighbours.json").is_file():
-            continue
+    for _, folder in evaluated_runs(run):
         truth += true_copies(run_samples(folder)[:, :private.shape[1]], private, keys, others_drawn)
         for name, tau in taus.items():
             detected[name] += detections(folder, tau)

@@ -195,7 +195,7 @@ def check_study(run: Path, config: Path, others: int, rules) -> dict:
     from memcontrol.config import load_config
     from memcontrol.metrics.ground_truth import precision_recall
     from memcontrol.search.settings import load_settings
-    from quickstart import detections, load_rows, real_images, run_samples
+    from quickstart import detections, evaluated_runs, real_images, run_samples
 
     settings = load_settings(load_config(config), run)
     tau = float(settings.objectives["memorization"]["tau"])
@@ -204,10 +204,7 @@ def check_study(run: Path, config: Path, others: int, rules) -> dict:
     print("| run | samples | " + " | ".join(name for _, name in rules) + " |")
     print("|---|---|" + "---|" * len(rules))
     detected, truths = [], [[] for _ in rules]
-    for r in load_rows(run):
-        folder = run / r["folder"]
-        if r["state"] != "complete" or not (folder / "neighbours.json").is_file():
-            continue
+    for r, folder in evaluated_runs(run):
         samples = run_samples(folder)[:, :private.shape[1]]
         detected += detections(folder, tau)
         cells = []
