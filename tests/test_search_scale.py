@@ -173,13 +173,18 @@ def test_sigkill_one_of_two_workers_mid_trial(kind, tmp_path, tiny_pipe_dir, sea
             # fast machine. Stopped, it cannot write; if it already has, let it go and catch another trial.
             pid = int(victim.user_attrs[st.ATTR_WORKER].rpartition(":")[2])
             os.kill(pid, signal.SIGSTOP)
+            # The signal lands asynchronously: wait until the worker has stopped, or it may still write metrics.
+            _, status = os.waitpid(pid, os.WUNTRACED)
+            assert os.WIFSTOPPED(status), f"worker {pid} ended instead of stopping (status {status})"
             if (out / "trials" / str(victim.number) / "metrics.json").exists():
                 os.kill(pid, signal.SIGCONT)
                 victim = None
-        before = {t.number: t.values for t in study.get_trials() if t.state == TrialState.COMPLETE}
+        # Kill before reading the storage again: the stopped worker may hold SQLite's write lock, which only its
+        # death releases, so a read now would wait out the lock timeout and fail.
         killed = next(p for p in procs if p.pid == pid)
         os.kill(pid, signal.SIGKILL)
         killed.wait()
+        before = {t.number: t.values for t in study.get_trials() if t.state == TrialState.COMPLETE}
         survivor = next(p for p in procs if p is not killed)
         output, _ = survivor.communicate(timeout=300)
         assert survivor.returncode == 0, output
