@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -129,12 +130,17 @@ def test_the_seeds_benchmark_sets_studies_side_by_side(quick_run, tmp_path):
     assert done.stdout.count("quality gain recovered by the chosen candidate") == 2
 
 
+def _bench(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_the_affine_residual_forgives_exposure_and_nothing_else():
     # bench/quickstart.py tells a copy at another exposure from another image: a gain and an offset are fitted away,
     # the anatomy is not.
-    spec = importlib.util.spec_from_file_location("bench_quickstart", REPO / "bench" / "quickstart.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench("quickstart")
     gen = torch.Generator().manual_seed(0)
     patient, other = torch.rand(2, 1, 3, 16, 16, generator=gen) * 2 - 1
     assert bench.affine_residual(1.2 * patient - 0.3, patient) < 1e-6
@@ -183,3 +189,61 @@ def test_the_shadow_bench_measures_the_detector_on_a_model_that_never_saw_the_pa
     detector = truth.stdout.split("the detector at tau")[1].splitlines()[1:4]
     assert [line.split(":")[0].strip() for line in detector][:2] == ["pixel L2 (the truth)", "pixel correlation"]
     assert all("precision" in line and "recall" in line for line in detector)
+
+
+def test_score_normalization_discounts_a_sample_that_resembles_everyone():
+    # bench/detector_rules.py: a sample as close to the background as to the private patient is no copy of that
+    # patient; one close to the patient alone keeps its score.
+    bench = _bench("detector_rules")
+    sims_private = [0.9, 0.9]
+    sims_background = [[0.2, 0.88, 0.5], [0.1, 0.3, 0.2]]
+    assert bench.normalized_scores(sims_private, sims_background, beta=1.0, k=1) == pytest.approx([0.02, 0.6])
+    assert bench.normalized_scores(sims_private, sims_background, beta=0.5, k=2) == pytest.approx([0.65, 0.8])
+
+
+def test_the_threshold_frontier_is_what_trying_every_threshold_finds():
+    bench = _bench("detector_rules")
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        n = int(rng.integers(5, 40))
+        sims = np.round(rng.random(n), 1)  # ties, which no threshold can split
+        named = [str(k) for k in rng.integers(0, 3, n)]
+        truth = [None if rng.random() < 0.4 else str(k) for k in rng.integers(0, 3, n)]
+        floors = dict(precision_floor=0.6, recall_floor=0.5)
+        (best_p, at_p), (best_r, at_r) = bench.threshold_frontier(sims, named, truth, **floors)
+        n_true = sum(t is not None for t in truth)
+        tried = []
+        for threshold in [*np.unique(sims), sims.min() - 1]:
+            hits = sum(s > threshold and d == t for s, d, t in zip(sims, named, truth))
+            detected = int((sims > threshold).sum())
+            if detected and n_true:
+                tried.append((threshold, hits / detected, hits / n_true))
+        qualified_p = [p for _, p, r in tried if r >= floors["recall_floor"]]
+        qualified_r = [r for _, p, r in tried if p >= floors["precision_floor"]]
+        assert best_p == (pytest.approx(max(qualified_p)) if qualified_p else None)
+        assert best_r == (pytest.approx(max(qualified_r)) if qualified_r else None)
+        for best, at, column in ((best_p, at_p, 1), (best_r, at_r, 2)):
+            if best is not None:  # the threshold it names gives the figure it names
+                hits = sum(s > at and d == t for s, d, t in zip(sims, named, truth))
+                assert best == pytest.approx([hits / int((sims > at).sum()), hits / n_true][column - 1])
+
+
+def test_the_detector_rules_bench_scores_a_study(quick_run, tmp_path):
+    # The config's rule must be the search's own detection. At the quick run's tau nothing may be detected, so the
+    # check runs at the median similarity of its samples: about half of them detected.
+    quickstart = _bench("quickstart")
+    runs = list(quickstart.evaluated_runs(quick_run["out"]))
+    similarities = [n["similarity"] for _, folder in runs for n in json.loads((folder / "neighbours.json").read_text())]
+    tau = float(np.median(similarities))
+    config = write_config(tmp_path / "median_tau.yaml", {"base": str(quick_run["config"]),
+                                                         "objectives": {"memorization": {"tau": tau}}})
+    command = [sys.executable, str(REPO / "bench" / "detector_rules.py"), "--others", "50", "--calibration", "100",
+               "--background", "50", "--tau-sets", "0", "--study", str(quick_run["out"]), str(config)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert "normalized score's threshold" in done.stdout and "every threshold on the search-time" in done.stdout
+    expected = sum(d is not None for _, folder in runs for d in quickstart.detections(folder, tau))
+    assert 0 < expected < len(similarities)
+    line = next(line for line in done.stdout.splitlines() if ", config rule: " in line)
+    assert int(line.split(", config rule: ")[1].split(" detected")[0]) == expected
+    assert f"({len(similarities)} samples; a diagnostic" in done.stdout

@@ -1,0 +1,177 @@
+"""Could another decision rule make the copy detector meet its targets? Three looks at finished studies' samples.
+
+    python bench/detector_rules.py --study runs/ladder configs/ladder.yaml --study runs/ladder-seed1 ladder-seed1.yaml
+
+Every figure is against the identity truth of ``bench/quickstart.py`` (nearest image in pixels among the private
+patients and ``--others`` further patients of the private site, all through the model's VAE), pooled over every
+evaluated run of each study and over the studies, with Wilson 95% intervals.
+
+1. **tau's own noise.** The config's tau is the similarity that 1% of 1,000 held-out private-site patients exceed.
+   The same calibration on ``--tau-sets`` disjoint sets of 1,000 (held-out patients from 0 on) shows how far it moves.
+2. **Score normalization** (as SSCD's copy-detection descriptor does: a sample that resembles many people is not a
+   copy of one): score = nearest private similarity - ``--beta`` x similarity to the ``--k``-th nearest image of a
+   background set, its threshold calibrated like tau at 1% of ``--calibration`` patients. The sets follow the
+   truth's others, as in ``bench/detector.py``: by default others 0 to 3,999, calibration 4,000 to 4,999, background
+   6,000 to 6,999 (apart from every other set here and from that bench's planted patients). Settings fixed before
+   the first run (beta 1, k 1, 1,000 background patients); beside the config's rule on the same samples.
+3. **Every threshold** on the search-time similarities: the best precision any threshold reaches while recall stays
+   >= 0.90, and the best recall while precision stays >= 0.95 (the issue's targets). A diagnostic: a threshold
+   chosen after looking is no result; it says whether the detector's ranking of samples could meet both at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+PLANTED_GAP = 1000  # held-out patients left between calibration and background: bench/detector.py's planted set
+
+
+def normalized_scores(sims_private, sims_background, beta: float, k: int) -> np.ndarray:
+    """Nearest private similarity minus ``beta`` times the k-th largest background similarity, per row
+    (``sims_background``: N x B similarities of each sample to the background set)."""
+    kth = np.sort(np.asarray(sims_background, dtype=np.float64), axis=1)[:, -k]
+    return np.asarray(sims_private, dtype=np.float64) - beta * kth
+
+
+def threshold_frontier(similarities, named, truth, precision_floor: float = 0.95, recall_floor: float = 0.90):
+    """Over every threshold between observed similarities: (best precision with recall >= ``recall_floor``, its
+    threshold), (best recall with precision >= ``precision_floor``, its threshold); (None, None) where none
+    qualifies. A sample is detected above the threshold and right when ``named`` (its nearest private patient) is
+    its true patient (``truth``, None for a non-copy)."""
+    order = np.argsort(-np.asarray(similarities, dtype=np.float64), kind="stable")
+    sims = np.asarray(similarities, dtype=np.float64)[order]
+    right = np.array([named[i] is not None and named[i] == truth[i] for i in order], dtype=np.int64)
+    n_true = sum(t is not None for t in truth)
+    best_p, best_r = (None, None), (None, None)
+    hits = np.cumsum(right)
+    for i in range(len(sims)):
+        if i + 1 < len(sims) and sims[i + 1] == sims[i]:
+            continue  # a threshold cannot fall between equal similarities
+        precision, recall = hits[i] / (i + 1), hits[i] / n_true if n_true else float("nan")
+        threshold = float(sims[i + 1]) if i + 1 < len(sims) else float(sims[i]) - 1e-9
+        if recall >= recall_floor and (best_p[0] is None or precision > best_p[0]):
+            best_p = (float(precision), threshold)
+        if precision >= precision_floor and (best_r[0] is None or recall > best_r[0]):
+            best_r = (float(recall), threshold)
+    return best_p, best_r
+
+
+def summary(label: str, results: dict) -> None:
+    import quickstart as q
+    from memcontrol.metrics.ground_truth import precision_recall
+
+    for name, (found, truth) in results.items():
+        pr = precision_recall(found, truth)
+        print(f"{label}, {name} rule: {pr['detected']} detected, {pr['true_positives']} right, "
+              f"{pr['true_copies']} true copies; precision {q.rate(pr['true_positives'], pr['detected'])}, "
+              f"recall {q.rate(pr['true_positives'], pr['true_copies'])}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--study", nargs=2, action="append", metavar=("RUN", "CONFIG"), required=True,
+                    help="a finished study and the config it ran (repeatable)")
+    ap.add_argument("--others", type=int, default=4000, help="other patients of the private site for the truth")
+    ap.add_argument("--calibration", type=int, default=1000, help="held-out patients calibrating the thresholds")
+    ap.add_argument("--background", type=int, default=1000, help="background patients of score normalization")
+    ap.add_argument("--tau-sets", type=int, default=5, help="disjoint sets of 1,000 that show tau's noise (0: none)")
+    ap.add_argument("--beta", type=float, default=1.0)
+    ap.add_argument("--k", type=int, default=1)
+    ap.add_argument("--fpr", type=float, default=0.01)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    import quickstart as q
+    from memcontrol.config import load_config
+    from memcontrol.data import load_source, run_salt
+    from memcontrol.data.cohorts import private_site_heldout
+    from memcontrol.data.transforms import to_model_tensor
+    from memcontrol.metrics import build_embedder
+    from memcontrol.metrics.ground_truth import precision_recall
+    from memcontrol.metrics.memorization import calibrate_tau, tau_at_false_positive_rate
+    from memcontrol.metrics.nn_search import nearest_neighbours
+    from memcontrol.models import load_pipeline
+    from memcontrol.search.objectives import dataset_pixels
+    from memcontrol.search.settings import load_settings
+
+    torch.manual_seed(0)
+    pooled = {"config": ([], []), "normalized": ([], [])}
+    sweep = ([], [], [])
+    reported_spread, rendered = False, {}
+    needed = max(1000 * args.tau_sets, args.others + args.calibration + PLANTED_GAP + args.background)
+    for run, config in args.study:
+        run = Path(run)
+        settings = load_settings(load_config(config), run)
+        mem, resolution = settings.objectives["memorization"], settings.data["resolution"]
+        embedder = build_embedder(mem["features"], pipe=load_pipeline(settings.model["path"], option="model.path"))
+        dataset = load_source(settings.data["train"], resolution, salt=run_salt(run))
+        private = torch.cat(list(dataset_pixels(dataset)))
+        channels, private_feats = private.shape[1], embedder.embed(private).float()
+
+        if resolution not in rendered:  # once: every set below is a slice of the same held-out patients
+            rendered[resolution] = private_site_heldout(needed, resolution)[0]
+
+        def patients(skip: int, count: int):
+            images = rendered[resolution][skip:skip + count]
+            return embedder.embed(torch.stack([to_model_tensor(im, resolution, channels) for im in images])).float()
+
+        if not reported_spread and args.tau_sets:
+            taus = [calibrate_tau(patients(skip, 1000), private_feats, args.fpr)[0] for skip in range(0, 1000 * args.tau_sets, 1000)]
+            print(f"tau at false-positive rate {args.fpr:g} on {args.tau_sets} disjoint sets of 1,000 held-out patients: "
+                  + ", ".join(f"{t:.4f}" for t in taus) + f" (the config's: {float(mem['tau']):.4f})", flush=True)
+            reported_spread = True
+        background = patients(args.others + args.calibration + PLANTED_GAP, args.background)
+        calibration = patients(args.others, args.calibration)
+
+        def scores(feats):
+            sims, idx = nearest_neighbours(feats, private_feats, k=1)
+            back = nearest_neighbours(feats, background, k=args.k)[0].double().numpy()
+            return normalized_scores(sims[:, 0].double().numpy(), back, args.beta, args.k), idx[:, 0].numpy()
+
+        tau_n = tau_at_false_positive_rate(scores(calibration)[0], args.fpr)
+        tau = float(mem["tau"])
+        print(f"\n{run}: config tau {tau:.4f}; normalized score's threshold {tau_n:.4f} (beta {args.beta:g}, "
+              f"k {args.k}, {args.background} background patients)", flush=True)
+        scored = q.score_runs(run, None, settings, q.real_images(settings, args.others))
+        study = {"config": ([], []), "normalized": ([], [])}
+        print("| run | true copies | detected: config rule / normalized | right: config rule / normalized |")
+        print("|---|---|---|---|")
+        for r, folder in q.evaluated_runs(run):
+            truth, detected, _ = scored[r["folder"]]
+            normalized, idx = scores(embedder.embed(q.run_samples(folder)).float())
+            renamed = [dataset.keys[i] if s > tau_n else None for s, i in zip(normalized, idx)]
+            for name, found in (("config", detected), ("normalized", renamed)):
+                for into in (study, pooled):
+                    into[name][0].extend(found)
+                    into[name][1].extend(truth)
+            a, b = precision_recall(detected, truth), precision_recall(renamed, truth)
+            print(f"| {r['label']} | {a['true_copies']}/{len(truth)} | {a['detected']} / {b['detected']} | "
+                  f"{a['true_positives']} / {b['true_positives']} |")
+            neighbours = json.loads((folder / "neighbours.json").read_text())
+            sweep[0].extend(n["similarity"] for n in neighbours)
+            sweep[1].extend(n["key"] for n in neighbours)
+            sweep[2].extend(truth)
+        summary(str(run), study)
+    if len(args.study) > 1:
+        summary("pooled over the studies", pooled)
+
+    (best_p, at_p), (best_r, at_r) = threshold_frontier(*sweep)
+    print(f"\nevery threshold on the search-time similarities ({len(sweep[0])} samples; a diagnostic, not a result): "
+          + (f"best precision with recall >= 0.90: {best_p:.1%} (threshold {at_p:.3f}); " if best_p is not None
+             else "no threshold keeps recall >= 0.90; ")
+          + (f"best recall with precision >= 0.95: {best_r:.1%} (threshold {at_r:.3f})" if best_r is not None
+             else "no threshold reaches precision >= 0.95"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
