@@ -1,4 +1,4 @@
-"""Could another decision rule make the copy detector meet its targets? Three looks at finished studies' samples.
+"""Could another decision rule make the copy detector meet its targets? Four looks at finished studies' samples.
 
     python bench/detector_rules.py --study runs/ladder configs/ladder.yaml --study runs/ladder-seed1 ladder-seed1.yaml
 
@@ -17,6 +17,12 @@ evaluated run of each study and over the studies, with Wilson 95% intervals.
 3. **Every threshold** on the search-time similarities: the best precision any threshold reaches while recall stays
    >= 0.90, and the best recall while precision stays >= 0.95 (the issue's targets). A diagnostic: a threshold
    chosen after looking is no result; it says whether the detector's ranking of samples could meet both at all.
+4. **Are the wrong detections partial copies?** For each detection the truth calls wrong, the detected patient's rank
+   by pixel L2 among all the truth's patients (1: the truth would have agreed; a sample copying nobody ranks a given
+   patient about uniformly, so within the nearest 40 of 4,008 by chance 1% of the time), against a control: the
+   untuned base model's samples of the same study, the ranks of the same patients. Decision fixed before the run:
+   partial copies if the wrong detections' median rank is <= 40 and the control's > 400; the detector's error if
+   the wrong detections' median rank is > 400; otherwise not settled.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+BASE_ROW = "base model, not fine-tuned"  # the study row of the untuned model: the control of the pixel ranks
+NEAR_RANK = 40  # "close in pixels": among the nearest 1% of the 4,008 patients a sample is compared with
 PLANTED_GAP = 1000  # held-out patients left between calibration and background: bench/detector.py's planted set
 
 
@@ -39,6 +47,23 @@ def normalized_scores(sims_private, sims_background, beta: float, k: int) -> np.
     (``sims_background``: N x B similarities of each sample to the background set)."""
     kth = np.sort(np.asarray(sims_background, dtype=np.float64), axis=1)[:, -k]
     return np.asarray(sims_private, dtype=np.float64) - beta * kth
+
+
+def patient_ranks(samples, private, keys: list[str], others) -> np.ndarray:
+    """For each sample (row) and private patient (column, in sorted key order), that patient's rank by pixel L2
+    among every patient: 1 + the number of patients strictly nearer, each private patient by its nearest record,
+    each of ``others`` by its image. A sample copying nobody ranks a given patient about uniformly."""
+    import torch
+
+    flat = samples.flatten(1).double()
+    to_private = torch.cdist(flat, private.flatten(1).double())
+    to_others = torch.cdist(flat, others.flatten(1).double())
+    patients = sorted(set(keys))
+    by_patient = torch.stack([to_private[:, [i for i, k in enumerate(keys) if k == p]].min(1).values
+                              for p in patients], 1)
+    nearer_private = (by_patient[:, None, :] < by_patient[:, :, None]).sum(2)
+    nearer_others = (to_others[:, None, :] < by_patient[:, :, None]).sum(2)
+    return (1 + nearer_private + nearer_others).numpy()
 
 
 def threshold_frontier(similarities, named, truth, precision_floor: float = 0.95, recall_floor: float = 0.90):
@@ -107,6 +132,7 @@ def main(argv=None) -> int:
     pooled = {"config": ([], []), "normalized": ([], [])}
     sweep = ([], [], [])
     reported_spread, rendered = False, {}
+    wrong_ranks, control = [], []  # pixel ranks: the wrong detections' patients; the same patients, base samples
     needed = max(1000 * args.tau_sets, args.others + args.calibration + PLANTED_GAP + args.background)
     for run, config in args.study:
         run = Path(run)
@@ -141,13 +167,25 @@ def main(argv=None) -> int:
         tau = float(mem["tau"])
         print(f"\n{run}: config tau {tau:.4f}; normalized score's threshold {tau_n:.4f} (beta {args.beta:g}, "
               f"k {args.k}, {args.background} background patients)", flush=True)
-        scored = q.score_runs(run, None, settings, q.real_images(settings, args.others))
+        images = q.real_images(settings, args.others)
+        scored = q.score_runs(run, None, settings, images)
+        private_drawn, keys, others = images
         study = {"config": ([], []), "normalized": ([], [])}
+        study_wrong, base_ranks = [], []
         print("| run | true copies | detected: config rule / normalized | right: config rule / normalized |")
         print("|---|---|---|---|")
         for r, folder in q.evaluated_runs(run):
             truth, detected, _ = scored[r["folder"]]
-            normalized, idx = scores(embedder.embed(q.run_samples(folder)).float())
+            samples = q.run_samples(folder)
+            normalized, idx = scores(embedder.embed(samples).float())
+            pixels = samples[:, :channels]
+            if r["label"] == BASE_ROW:
+                base_ranks += [dict(zip(sorted(set(keys)), row))
+                               for row in patient_ranks(pixels, private_drawn, keys, others)]
+            wrong = [d if d is not None and d != t else None for d, t in zip(detected, truth)]
+            study_wrong += [w for w in wrong if w is not None]
+            wrong_ranks += [rank[sorted(set(keys)).index(w)] for rank, w in
+                            zip(patient_ranks(pixels, private_drawn, keys, others), wrong) if w is not None]
             renamed = [dataset.keys[i] if s > tau_n else None for s, i in zip(normalized, idx)]
             for name, found in (("config", detected), ("normalized", renamed)):
                 for into in (study, pooled):
@@ -161,9 +199,17 @@ def main(argv=None) -> int:
             sweep[1].extend(n["key"] for n in neighbours)
             sweep[2].extend(truth)
         summary(str(run), study)
+        control += [ranks[w] for w in study_wrong for ranks in base_ranks]
     if len(args.study) > 1:
         summary("pooled over the studies", pooled)
 
+    n_patients = len(set(keys)) + args.others
+    for label, ranks in (("the config rule's wrong detections, the detected patient", wrong_ranks),
+                         ("the base model's samples, the same patients (control)", control)):
+        near = sum(r <= NEAR_RANK for r in ranks)
+        print(f"\npixel rank among {n_patients} patients of {label}: "
+              + (f"median {np.median(ranks):g}, within the nearest {NEAR_RANK}: {q.rate(near, len(ranks))} "
+                 f"({near} of {len(ranks)}; chance {NEAR_RANK / n_patients:.1%})" if ranks else "none"))
     (best_p, at_p), (best_r, at_r) = threshold_frontier(*sweep)
     print(f"\nevery threshold on the search-time similarities ({len(sweep[0])} samples; a diagnostic, not a result): "
           + (f"best precision with recall >= 0.90: {best_p:.1%} (threshold {at_p:.3f}); " if best_p is not None

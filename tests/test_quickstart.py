@@ -201,6 +201,24 @@ def test_score_normalization_discounts_a_sample_that_resembles_everyone():
     assert bench.normalized_scores(sims_private, sims_background, beta=0.5, k=2) == pytest.approx([0.65, 0.8])
 
 
+def test_patient_ranks_count_the_patients_nearer_in_pixels():
+    bench = _bench("detector_rules")
+    gen = torch.Generator().manual_seed(0)
+    private = torch.rand(5, 1, 4, 4, generator=gen)
+    keys = ["b", "a", "b", "c", "a"]  # patients with several records count once, by their nearest record
+    others = torch.rand(30, 1, 4, 4, generator=gen)
+    samples = torch.cat([private[2:3] + 0.01, torch.rand(6, 1, 4, 4, generator=gen)])
+    ranks = bench.patient_ranks(samples, private, keys, others)
+    assert ranks.shape == (7, 3) and ranks[0, 1] == 1  # the near copy of b's second record: b ranks first
+    flat = lambda x: x.flatten(1).double()  # noqa: E731
+    for i, x in enumerate(flat(samples)):
+        d_private = {k: min(float((x - flat(private)[j]).norm()) for j in range(5) if keys[j] == k) for k in "abc"}
+        d_others = [float((x - o).norm()) for o in flat(others)]
+        for column, k in enumerate("abc"):
+            nearer = sum(d < d_private[k] for d in [*d_private.values(), *d_others])
+            assert ranks[i, column] == 1 + nearer
+
+
 def test_the_threshold_frontier_is_what_trying_every_threshold_finds():
     bench = _bench("detector_rules")
     rng = np.random.default_rng(0)
