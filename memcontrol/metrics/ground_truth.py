@@ -28,6 +28,10 @@ passes every reference through the VAE first.
   every trial and random mask there, where L2 names none. Asking correlation's nearest patient to stand apart
   from the runner-up, with the margin calibrated on samples of models that never saw the private patients, does
   not help: none of those samples lands on a private patient, so no margin is set (``bench/truth.py --shadow``).
+- "Nearest" is strict. Most of the samples the copy detector names a patient for and this truth does not are
+  partial copies: that patient ranks among the nearest 1% of the 4,008 in pixels (median rank 8.5 pooled over two
+  studies, 6 in a third), where the untuned base model's samples rank the same patients at a median of 462.5 and
+  691 (``bench/detector_rules.py``). They count against the detector here.
 """
 
 from __future__ import annotations
