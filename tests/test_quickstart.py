@@ -210,10 +210,10 @@ def test_patient_ranks_count_the_patients_nearer_in_pixels():
     samples = torch.cat([private[2:3] + 0.01, torch.rand(6, 1, 4, 4, generator=gen)])
     ranks = bench.patient_ranks(samples, private, keys, others)
     assert ranks.shape == (7, 3) and ranks[0, 1] == 1  # the near copy of b's second record: b ranks first
-    flat = lambda x: x.flatten(1).double()  # noqa: E731
-    for i, x in enumerate(flat(samples)):
-        d_private = {k: min(float((x - flat(private)[j]).norm()) for j in range(5) if keys[j] == k) for k in "abc"}
-        d_others = [float((x - o).norm()) for o in flat(others)]
+    records, strangers = private.flatten(1).double(), others.flatten(1).double()
+    for i, x in enumerate(samples.flatten(1).double()):
+        d_private = {k: min(float((x - records[j]).norm()) for j in range(5) if keys[j] == k) for k in "abc"}
+        d_others = [float((x - o).norm()) for o in strangers]
         for column, k in enumerate("abc"):
             nearer = sum(d < d_private[k] for d in [*d_private.values(), *d_others])
             assert ranks[i, column] == 1 + nearer
