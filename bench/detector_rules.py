@@ -1,4 +1,4 @@
-"""Could another decision rule make the copy detector meet its targets? Four looks at finished studies' samples.
+"""Could another decision rule make the copy detector meet its targets? Five looks at finished studies' samples.
 
     python bench/detector_rules.py --study runs/ladder configs/ladder.yaml --study runs/ladder-seed1 ladder-seed1.yaml
 
@@ -23,6 +23,12 @@ evaluated run of each study and over the studies, with Wilson 95% intervals.
    untuned base model's samples of the same study, the ranks of the same patients. Decision fixed before the run:
    partial copies if the wrong detections' median rank is <= 40 and the control's > 400; the detector's error if
    the wrong detections' median rank is > 400; otherwise not settled.
+5. **A near-miss truth.** A sample copies every private patient among its ``--near`` (5) nearest patients in pixels;
+   a detection is right when it names one of them. ``--near`` 5 comes from chance alone: for a sample that copies
+   nobody the patients are exchangeable, so some of 8 private patients lands among the nearest 5 of 4,008 about
+   8 x 5 / 4,008 = 1.0% of the time, the rate tau is calibrated to; checked on ``--chance`` (1,000) further real
+   patients of the site (the set after the background), which it should call copies about that often. The
+   configs' rule is scored against it beside the pixel truth, per study and pooled.
 """
 
 from __future__ import annotations
@@ -89,6 +95,23 @@ def threshold_frontier(similarities, named, truth, precision_floor: float = 0.95
     return best_p, best_r
 
 
+def near_miss(detected: list, ranks, patients: list[str], k: int) -> dict:
+    """Detections against the near-miss truth: a sample copies every private patient among its ``k`` nearest in
+    pixels (``ranks``: ``patient_ranks`` of the samples, columns in ``patients`` order); a detection is right when
+    the patient it names is one of them."""
+    within = [{p for p, rank in zip(patients, row) if rank <= k} for row in ranks]
+    return {"true_positives": sum(d is not None and d in w for d, w in zip(detected, within)),
+            "detected": sum(d is not None for d in detected), "true_copies": sum(bool(w) for w in within)}
+
+
+def near_summary(label: str, runs: list[dict], k: int) -> None:
+    import quickstart as q
+
+    hits, detected, copies = (sum(r[key] for r in runs) for key in ("true_positives", "detected", "true_copies"))
+    print(f"{label}, config rule against the near-miss truth (k {k}): {detected} detected, {hits} right, {copies} "
+          f"true copies; precision {q.rate(hits, detected)}, recall {q.rate(hits, copies)}")
+
+
 def summary(label: str, results: dict) -> None:
     import quickstart as q
     from memcontrol.metrics.ground_truth import precision_recall
@@ -107,6 +130,8 @@ def main(argv=None) -> int:
     ap.add_argument("--others", type=int, default=4000, help="other patients of the private site for the truth")
     ap.add_argument("--calibration", type=int, default=1000, help="held-out patients calibrating the thresholds")
     ap.add_argument("--background", type=int, default=1000, help="background patients of score normalization")
+    ap.add_argument("--near", type=int, default=5, help="rank within which the near-miss truth counts a copy")
+    ap.add_argument("--chance", type=int, default=1000, help="further real patients checking its chance rate")
     ap.add_argument("--tau-sets", type=int, default=5, help="disjoint sets of 1,000 that show tau's noise (0: none)")
     ap.add_argument("--beta", type=float, default=1.0)
     ap.add_argument("--k", type=int, default=1)
@@ -121,7 +146,7 @@ def main(argv=None) -> int:
     from memcontrol.data.cohorts import private_site_heldout
     from memcontrol.data.transforms import to_model_tensor
     from memcontrol.metrics import build_embedder
-    from memcontrol.metrics.ground_truth import precision_recall
+    from memcontrol.metrics.ground_truth import precision_recall, through_vae
     from memcontrol.metrics.memorization import calibrate_tau, tau_at_false_positive_rate
     from memcontrol.metrics.nn_search import nearest_neighbours
     from memcontrol.models import load_pipeline
@@ -133,12 +158,15 @@ def main(argv=None) -> int:
     sweep = ([], [], [])
     reported_spread, rendered = False, {}
     wrong_ranks, control = [], []  # pixel ranks: the wrong detections' patients; the same patients, base samples
-    needed = max(1000 * args.tau_sets, args.others + args.calibration + PLANTED_GAP + args.background)
+    chance_from = args.others + args.calibration + PLANTED_GAP + args.background
+    needed = max(1000 * args.tau_sets, chance_from + args.chance)
+    near_pooled, chance_checked = [], False
     for run, config in args.study:
         run = Path(run)
         settings = load_settings(load_config(config), run)
         mem, resolution = settings.objectives["memorization"], settings.data["resolution"]
-        embedder = build_embedder(mem["features"], pipe=load_pipeline(settings.model["path"], option="model.path"))
+        pipe = load_pipeline(settings.model["path"], option="model.path")
+        embedder = build_embedder(mem["features"], pipe=pipe)
         dataset = load_source(settings.data["train"], resolution, salt=run_salt(run))
         private = torch.cat(list(dataset_pixels(dataset)))
         channels, private_feats = private.shape[1], embedder.embed(private).float()
@@ -151,9 +179,11 @@ def main(argv=None) -> int:
             return embedder.embed(torch.stack([to_model_tensor(im, resolution, channels) for im in images])).float()
 
         if not reported_spread and args.tau_sets:
-            taus = [calibrate_tau(patients(skip, 1000), private_feats, args.fpr)[0] for skip in range(0, 1000 * args.tau_sets, 1000)]
-            print(f"tau at false-positive rate {args.fpr:g} on {args.tau_sets} disjoint sets of 1,000 held-out patients: "
-                  + ", ".join(f"{t:.4f}" for t in taus) + f" (the config's: {float(mem['tau']):.4f})", flush=True)
+            taus = [calibrate_tau(patients(skip, 1000), private_feats, args.fpr)[0]
+                    for skip in range(0, 1000 * args.tau_sets, 1000)]
+            print(f"tau at false-positive rate {args.fpr:g} on {args.tau_sets} disjoint sets of 1,000 held-out "
+                  "patients: " + ", ".join(f"{t:.4f}" for t in taus) + f" (the config's: {float(mem['tau']):.4f})",
+                  flush=True)
             reported_spread = True
         background = patients(args.others + args.calibration + PLANTED_GAP, args.background)
         calibration = patients(args.others, args.calibration)
@@ -170,22 +200,35 @@ def main(argv=None) -> int:
         images = q.real_images(settings, args.others)
         scored = q.score_runs(run, None, settings, images)
         private_drawn, keys, others = images
+        patient_keys = sorted(set(keys))
+        if not chance_checked:  # real patients of the site, in no set above: how often the near-miss truth fires
+            real = rendered[resolution][chance_from:chance_from + args.chance]
+            strangers = through_vae(pipe.vae, torch.stack([to_model_tensor(im, resolution, channels) for im in real]))
+            called = near_miss([None] * len(strangers), patient_ranks(strangers, private_drawn, keys, others),
+                               patient_keys, args.near)["true_copies"]
+            print(f"near-miss truth (a private patient within the nearest {args.near} in pixels): {args.chance} "
+                  f"further real patients of the site called copies: {q.rate(called, args.chance)} ({called}; "
+                  f"expected by chance {len(patient_keys) * args.near / (len(patient_keys) + args.others):.1%})")
+            chance_checked = True
         study = {"config": ([], []), "normalized": ([], [])}
+        near_study = []
         study_wrong, base_ranks = [], []
-        print("| run | true copies | detected: config rule / normalized | right: config rule / normalized |")
-        print("|---|---|---|---|")
+        print("| run | true copies | detected: config rule / normalized | right: config rule / normalized | "
+              f"near-miss truth (k {args.near}): true copies | config rule right |")
+        print("|---|---|---|---|---|---|")
         for r, folder in q.evaluated_runs(run):
             truth, detected, _ = scored[r["folder"]]
             samples = q.run_samples(folder)
             normalized, idx = scores(embedder.embed(samples).float())
             pixels = samples[:, :channels]
+            ranks = patient_ranks(pixels, private_drawn, keys, others)
             if r["label"] == BASE_ROW:
-                base_ranks += [dict(zip(sorted(set(keys)), row))
-                               for row in patient_ranks(pixels, private_drawn, keys, others)]
+                base_ranks += [dict(zip(patient_keys, row)) for row in ranks]
             wrong = [d if d is not None and d != t else None for d, t in zip(detected, truth)]
             study_wrong += [w for w in wrong if w is not None]
-            wrong_ranks += [rank[sorted(set(keys)).index(w)] for rank, w in
-                            zip(patient_ranks(pixels, private_drawn, keys, others), wrong) if w is not None]
+            wrong_ranks += [rank[patient_keys.index(w)] for rank, w in zip(ranks, wrong) if w is not None]
+            near = near_miss(detected, ranks, patient_keys, args.near)
+            near_study.append(near)
             renamed = [dataset.keys[i] if s > tau_n else None for s, i in zip(normalized, idx)]
             for name, found in (("config", detected), ("normalized", renamed)):
                 for into in (study, pooled):
@@ -193,15 +236,19 @@ def main(argv=None) -> int:
                     into[name][1].extend(truth)
             a, b = precision_recall(detected, truth), precision_recall(renamed, truth)
             print(f"| {r['label']} | {a['true_copies']}/{len(truth)} | {a['detected']} / {b['detected']} | "
-                  f"{a['true_positives']} / {b['true_positives']} |")
+                  f"{a['true_positives']} / {b['true_positives']} | {near['true_copies']} | "
+                  f"{near['true_positives']} |")
             neighbours = json.loads((folder / "neighbours.json").read_text())
             sweep[0].extend(n["similarity"] for n in neighbours)
             sweep[1].extend(n["key"] for n in neighbours)
             sweep[2].extend(truth)
         summary(str(run), study)
+        near_summary(str(run), near_study, args.near)
+        near_pooled += near_study
         control += [ranks[w] for w in study_wrong for ranks in base_ranks]
     if len(args.study) > 1:
         summary("pooled over the studies", pooled)
+        near_summary("pooled over the studies", near_pooled, args.near)
 
     n_patients = len(set(keys)) + args.others
     for label, ranks in (("the config rule's wrong detections, the detected patient", wrong_ranks),

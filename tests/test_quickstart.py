@@ -219,6 +219,15 @@ def test_patient_ranks_count_the_patients_nearer_in_pixels():
             assert ranks[i, column] == 1 + nearer
 
 
+def test_the_near_miss_truth_counts_every_patient_within_k():
+    bench = _bench("detector_rules")
+    ranks = np.array([[1, 7, 3], [9, 6, 12], [2, 4, 5]])  # 3 samples x patients a, b, c
+    scored = bench.near_miss(["b", None, "b"], ranks, ["a", "b", "c"], k=5)
+    # sample 0 copies a and c (b is 7th: its detection is wrong), sample 1 nobody, sample 2 all three
+    assert scored == {"true_positives": 1, "detected": 2, "true_copies": 2}
+    assert bench.near_miss(["b", None, "b"], ranks, ["a", "b", "c"], k=7)["true_positives"] == 2
+
+
 def test_the_threshold_frontier_is_what_trying_every_threshold_finds():
     bench = _bench("detector_rules")
     rng = np.random.default_rng(0)
@@ -251,12 +260,13 @@ def test_the_detector_rules_bench_scores_a_study(quick_run, tmp_path):
     # check runs at the median similarity of its samples: about half of them detected.
     quickstart = _bench("quickstart")
     runs = list(quickstart.evaluated_runs(quick_run["out"]))
-    similarities = [n["similarity"] for _, folder in runs for n in json.loads((folder / "neighbours.json").read_text())]
+    similarities = [n["similarity"] for _, folder in runs
+                    for n in json.loads((folder / "neighbours.json").read_text())]
     tau = float(np.median(similarities))
     config = write_config(tmp_path / "median_tau.yaml", {"base": str(quick_run["config"]),
                                                          "objectives": {"memorization": {"tau": tau}}})
     command = [sys.executable, str(REPO / "bench" / "detector_rules.py"), "--others", "50", "--calibration", "100",
-               "--background", "50", "--tau-sets", "0", "--study", str(quick_run["out"]), str(config)]
+               "--background", "50", "--chance", "20", "--tau-sets", "0", "--study", str(quick_run["out"]), str(config)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr
     assert "normalized score's threshold" in done.stdout and "every threshold on the search-time" in done.stdout
@@ -265,3 +275,6 @@ def test_the_detector_rules_bench_scores_a_study(quick_run, tmp_path):
     line = next(line for line in done.stdout.splitlines() if ", config rule: " in line)
     assert int(line.split(", config rule: ")[1].split(" detected")[0]) == expected
     assert f"({len(similarities)} samples; a diagnostic" in done.stdout
+    assert "20 further real patients of the site called copies" in done.stdout
+    near = next(line for line in done.stdout.splitlines() if "against the near-miss truth (k 5)" in line)
+    assert int(near.split("truth (k 5): ")[1].split(" detected")[0]) == expected  # the same detections, judged again

@@ -31,7 +31,9 @@ passes every reference through the VAE first.
 - "Nearest" is strict. Most of the samples the copy detector names a patient for and this truth does not are
   partial copies: that patient ranks among the nearest 1% of the 4,008 in pixels (median rank 8.5 pooled over two
   studies, 6 in a third), where the untuned base model's samples rank the same patients at a median of 462.5 and
-  691 (``bench/detector_rules.py``). They count against the detector here.
+  691 (``bench/detector_rules.py``). They count against the detector here. A near-miss truth (a copy of every
+  private patient among a sample's 5 nearest; 1% of real non-private patients called copies) is measured beside
+  this one in that bench, not used in its place.
 """
 
 from __future__ import annotations
