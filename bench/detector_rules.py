@@ -158,7 +158,8 @@ def main(argv=None) -> int:
     sweep = ([], [], [])
     reported_spread, rendered = False, {}
     wrong_ranks, control = [], []  # pixel ranks: the wrong detections' patients; the same patients, base samples
-    chance_from = args.others + args.calibration + PLANTED_GAP + args.background
+    background_from = args.others + args.calibration + PLANTED_GAP
+    chance_from = background_from + args.background
     needed = max(1000 * args.tau_sets, chance_from + args.chance)
     near_pooled, chance_checked = [], False
     for run, config in args.study:
@@ -185,7 +186,7 @@ def main(argv=None) -> int:
                   "patients: " + ", ".join(f"{t:.4f}" for t in taus) + f" (the config's: {float(mem['tau']):.4f})",
                   flush=True)
             reported_spread = True
-        background = patients(args.others + args.calibration + PLANTED_GAP, args.background)
+        background = patients(background_from, args.background)
         calibration = patients(args.others, args.calibration)
 
         def scores(feats):
