@@ -5,6 +5,7 @@ import hashlib
 import torch
 
 from conftest import REPO
+from fixtures_scripts import load_script
 from memcontrol.models import load_pipeline
 
 BASE = REPO / "data" / "base_model"
@@ -36,13 +37,9 @@ def _sha(path):
 
 def test_pretrain_pipeline_runs_on_cpu_and_continues_from_its_own_output(tmp_path):
     """The pipeline that made the shipped base, scaled down: a fresh pretraining, then ``--init`` on its output."""
-    import importlib.util
     import json
 
-    spec = importlib.util.spec_from_file_location("pretrain_base", REPO / "pipelines" / "pretrain_base.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    main = module.main
+    main = load_script("pipelines/pretrain_base.py").main
 
     first, second = tmp_path / "first", tmp_path / "second"
     assert main(["--out", str(first), "--patients", "4", "--vae-steps", "2", "--unet-steps", "2",

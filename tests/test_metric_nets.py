@@ -2,7 +2,6 @@
 separation of re-acquired copies from other patients, tau calibration, and the pipeline that trains them."""
 
 import hashlib
-import importlib.util
 import json
 
 import numpy as np
@@ -11,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REPO
+from fixtures_scripts import load_script
 from memcontrol.data import describe_patient, patient_seeds
 from memcontrol.data.cohorts import SEEDS
 from memcontrol.data.phantoms import render_patients
@@ -91,9 +91,7 @@ def test_tau_calibration_hits_its_false_positive_rate_on_fresh_data():
 
 
 def test_the_pipeline_trains_and_ships_both_networks(tmp_path):
-    spec = importlib.util.spec_from_file_location("train_metric_nets", REPO / "pipelines" / "train_metric_nets.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("pipelines/train_metric_nets.py")
     assert module.main(["--out", str(tmp_path), "--patients", "12", "--eval-patients", "8", "--steps", "2",
                         "--batch-size", "8"]) == 0
     for kind in ("domain", "copy_detector"):

@@ -1,14 +1,13 @@
 """Known-truth copies on real phantoms: a copy is a sample whose nearest patient, among the private ones and many
 other patients of the same site, is a private one; and the detector's score against that truth."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from torchvision.transforms.functional import gaussian_blur
 
+from fixtures_scripts import load_script
 from memcontrol.data import patient_seeds, render_phantoms
 from memcontrol.metrics.ground_truth import chance_rate, precision_recall, true_copies
 
@@ -46,10 +45,7 @@ def test_a_blurred_average_of_patients_is_not_a_copy(cohort):
 
 
 def bench_truth():
-    spec = importlib.util.spec_from_file_location("bench_truth", Path(__file__).parent.parent / "bench" / "truth.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_script("bench/truth.py")
 
 
 def test_pixel_l2_misses_copies_at_another_exposure_and_correlation_does_not(cohort):

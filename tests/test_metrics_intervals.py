@@ -1,14 +1,13 @@
 """Intervals: Wilson endpoints, bootstrap coverage by simulation, pairing, and the vectorised statistics against
 the plain metric functions."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy.stats import norm
 
+from fixtures_scripts import load_script
 from memcontrol.metrics.intervals import (bootstrap_indices, interval, paired, rate_difference, rate_ratio_cut,
                                           resampled_frechet, resampled_mean,
                                           resampled_mmd2, wilson)
@@ -160,11 +159,7 @@ def test_interval_coverage_bench_shows_the_percentile_bias_the_readme_reports():
     # replications): the README reports that the percentile interval memcontrol prints misses the true distance
     # when the bias is near the spread, and that the basic interval covers it. Coverage over 200 replications has a
     # binomial standard error of 0.015: 0.905 is the nominal 0.95 less three.
-    spec = importlib.util.spec_from_file_location("bench_interval_coverage",
-                                                  Path(__file__).resolve().parent.parent / "bench" /
-                                                  "interval_coverage.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench/interval_coverage.py")
     rate = bench.single(16, 48, 2.0, reps=200, resamples=200)
     assert rate["basic"] >= 0.905 and rate["percentile"] < 0.5, rate
     assert rate["mean estimate"] > 2.0  # the estimate's own upward bias

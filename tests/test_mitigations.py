@@ -4,13 +4,13 @@ prompt-embedding adjustment before sampling, and their rows in a search."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
 from fixtures_masks import CAPTIONS
+from fixtures_scripts import load_script
 from fixtures_search import cheap_search_config, write_config
 
 from memcontrol.config import read_config
@@ -186,17 +186,13 @@ def test_a_search_reports_the_mitigation_baselines_with_intervals(tmp_path, tiny
     assert "full fine-tuning" in (out / "claim.md").read_text()
     # bench/fidelity.py --run screens the runs of the search space only: each mitigation trains on other captions or
     # data, or samples otherwise, and the base model trains nothing.
-    spec = importlib.util.spec_from_file_location("bench_fidelity", REPO / "bench" / "fidelity.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench/fidelity.py")
     screened = {row["label"] for row, _ in bench.study_candidates(out)}
     assert "full fine-tuning" in screened and "trial 0" in screened
     assert not screened & (set(labels.values()) - {"full fine-tuning"})
     # bench/interval_coverage.py --run recomputes the claim's paired quality comparisons from the kept features: its
     # percentile intervals are claim.json's (the README sets the basic interval beside them on that basis).
-    spec = importlib.util.spec_from_file_location("bench_intervals", REPO / "bench" / "interval_coverage.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench/interval_coverage.py")
     job = read_config(tmp_path / "search.yaml")
     recomputed = bench.claim_comparisons(out, job.objectives.bootstrap_resamples, job.sampling.seed)
     assert [r["label"] for r in recomputed] == [c["label"] for c in claim["comparisons"]]

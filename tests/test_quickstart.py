@@ -4,7 +4,6 @@ with two trials of a few steps, through the command line, then the benchmark's r
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from fixtures_scripts import load_script
 from fixtures_search import write_config
 from memcontrol.cli import main
 
@@ -130,17 +130,10 @@ def test_the_seeds_benchmark_sets_studies_side_by_side(quick_run, tmp_path):
     assert done.stdout.count("quality gain recovered by the chosen candidate") == 2
 
 
-def _bench(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_affine_residual_forgives_exposure_and_nothing_else():
     # bench/quickstart.py tells a copy at another exposure from another image: a gain and an offset are fitted away,
     # the anatomy is not.
-    bench = _bench("quickstart")
+    bench = load_script("bench/quickstart.py")
     gen = torch.Generator().manual_seed(0)
     patient, other = torch.rand(2, 1, 3, 16, 16, generator=gen) * 2 - 1
     assert bench.affine_residual(1.2 * patient - 0.3, patient) < 1e-6
@@ -194,7 +187,7 @@ def test_the_shadow_bench_measures_the_detector_on_a_model_that_never_saw_the_pa
 def test_score_normalization_discounts_a_sample_that_resembles_everyone():
     # bench/detector_rules.py: a sample as close to the background as to the private patient is no copy of that
     # patient; one close to the patient alone keeps its score.
-    bench = _bench("detector_rules")
+    bench = load_script("bench/detector_rules.py")
     sims_private = [0.9, 0.9]
     sims_background = [[0.2, 0.88, 0.5], [0.1, 0.3, 0.2]]
     assert bench.normalized_scores(sims_private, sims_background, beta=1.0, k=1) == pytest.approx([0.02, 0.6])
@@ -202,7 +195,7 @@ def test_score_normalization_discounts_a_sample_that_resembles_everyone():
 
 
 def test_patient_ranks_count_the_patients_nearer_in_pixels():
-    bench = _bench("detector_rules")
+    bench = load_script("bench/detector_rules.py")
     gen = torch.Generator().manual_seed(0)
     private = torch.rand(5, 1, 4, 4, generator=gen)
     keys = ["b", "a", "b", "c", "a"]  # patients with several records count once, by their nearest record
@@ -220,7 +213,7 @@ def test_patient_ranks_count_the_patients_nearer_in_pixels():
 
 
 def test_the_near_miss_truth_counts_every_patient_within_k():
-    bench = _bench("detector_rules")
+    bench = load_script("bench/detector_rules.py")
     ranks = np.array([[1, 7, 3], [9, 6, 12], [2, 4, 5]])  # 3 samples x patients a, b, c
     scored = bench.near_miss(["b", None, "b"], ranks, ["a", "b", "c"], k=5)
     # sample 0 copies a and c (b is 7th: its detection is wrong), sample 1 nobody, sample 2 all three
@@ -229,7 +222,7 @@ def test_the_near_miss_truth_counts_every_patient_within_k():
 
 
 def test_the_threshold_frontier_is_what_trying_every_threshold_finds():
-    bench = _bench("detector_rules")
+    bench = load_script("bench/detector_rules.py")
     rng = np.random.default_rng(0)
     for _ in range(50):
         n = int(rng.integers(5, 40))
@@ -258,7 +251,7 @@ def test_the_threshold_frontier_is_what_trying_every_threshold_finds():
 def test_the_detector_rules_bench_scores_a_study(quick_run, tmp_path):
     # The config's rule must be the search's own detection. At the quick run's tau nothing may be detected, so the
     # check runs at the median similarity of its samples: about half of them detected.
-    quickstart = _bench("quickstart")
+    quickstart = load_script("bench/quickstart.py")
     runs = list(quickstart.evaluated_runs(quick_run["out"]))
     similarities = [n["similarity"] for _, folder in runs
                     for n in json.loads((folder / "neighbours.json").read_text())]

@@ -6,17 +6,16 @@ anything."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import itertools
 import math
 import random
-from pathlib import Path
 
 import optuna
 import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
+from fixtures_scripts import load_script
 from fixtures_search import cheap_search_config, write_config
 from memcontrol.cli import main
 from memcontrol.errors import ConfigError
@@ -26,7 +25,6 @@ from memcontrol.search.hypervolume import hypervolume_2d
 from memcontrol.search.settings import load_settings
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-REPO = Path(__file__).resolve().parent.parent
 
 # Rank 0: 0, 1, 2, 3, 4; rank 1: 5, 6, 7 (each dominated by a rank-0 point); rank 2: 8.
 # Crowding in rank 0 (both objectives span 8): 0 and 4 are ends (inf); 1: 3/8 + 4/8 = 0.875;
@@ -64,17 +62,12 @@ def test_hypervolume_of_a_hand_computed_front():
     # Dominated, duplicated, outside the box or non-finite points add nothing.
     noisy = front + [(2.5, 2.5), (1.0, 2.0), (4.0, 0.0), (0.5, 3.0), (math.nan, 0.0)]
     assert hypervolume_2d(noisy, (3, 3)) == pytest.approx(3.0, abs=1e-12)
-
-
-def _bench_fidelity():
-    spec = importlib.util.spec_from_file_location("bench_fidelity", REPO / "bench" / "fidelity.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    assert hypervolume_2d([(0.0, 0.0)], (2, 0.5)) == pytest.approx(1.0, abs=1e-12)
+    assert hypervolume_2d([], (1, 1)) == 0.0
 
 
 def test_the_largest_set_of_candidates_pairwise_apart():
-    bench = _bench_fidelity()
+    bench = load_script("bench/fidelity.py")
     rng = random.Random(0)
     for _ in range(200):
         rows = []
@@ -90,8 +83,6 @@ def test_the_largest_set_of_candidates_pairwise_apart():
                    if all(min(a["q_ci_high"], b["q_ci_high"]) < max(a["q_ci_low"], b["q_ci_low"])
                           for a, b in itertools.combinations(subset, 2)))
         assert len(chosen) == best
-    assert hypervolume_2d([(0.0, 0.0)], (2, 0.5)) == pytest.approx(1.0, abs=1e-12)
-    assert hypervolume_2d([], (1, 1)) == 0.0
 
 
 def _settings(tmp_path, tiny_pipe_dir, search_data, n_trials, **fidelity):
