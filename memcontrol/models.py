@@ -89,8 +89,35 @@ def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: t
         pipe = StableDiffusionPipeline.from_pretrained(
             str(folder), local_files_only=True, use_safetensors=True, safety_checker=None,
             feature_extractor=None, requires_safety_checker=False, dtype=dtype)
+        check_text_encoder_loaded(pipe.text_encoder, folder / "text_encoder")
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def check_text_encoder_loaded(text_encoder, folder: Path) -> None:
+    """Refuse a text encoder that did not take the weights in its files. transformers reports weights it cannot place
+    (a key layout written by a later release: 5.5 and older ignore the bundled model's, saved by 5.17) and goes on
+    with random ones, so every sample would be conditioned on noise without an error."""
+    from safetensors import safe_open
+
+    if text_encoder is None:
+        return
+    loaded = text_encoder.state_dict()
+    # The files a plain load reads: one file or its shards (a variant such as model.fp16.safetensors is not read).
+    files = [f for f in sorted(Path(folder).glob("model*.safetensors"))
+             if f.name == "model.safetensors" or "-of-" in f.name]
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                # The same tensor under the model's name for it, with or without the wrapper's prefix; keys the
+                # model does not keep (older files' position_ids buffers) are not weights it could have lost.
+                target = loaded.get(key, loaded.get(f"text_model.{key}"))
+                if target is not None and not torch.equal(f.get_tensor(key).to(target.dtype), target.cpu()):
+                    import transformers
+
+                    raise DataError(file, f"the text encoder's weight '{key}' was not loaded from this file by "
+                                          f"transformers {transformers.__version__} (random weights in its place): "
+                                          "the file's layout needs a later transformers release")
 
 
 def _load_single_file(path: Path, config, dtype):

@@ -4,8 +4,8 @@ import zipfile
 import pytest
 import torch
 
-from memcontrol.errors import MissingWeightsError, UnsafeCheckpointError
-from memcontrol.models import check_local_folder, load_pipeline
+from memcontrol.errors import DataError, MissingWeightsError, UnsafeCheckpointError
+from memcontrol.models import check_local_folder, check_text_encoder_loaded, load_pipeline
 from memcontrol.weights import load_state_dict
 
 
@@ -73,3 +73,25 @@ def test_pipeline_with_only_pickle_weights_is_refused(tiny_pipe_dir, tmp_path):
         f.rename(f.with_suffix(".bin"))
     with pytest.raises(UnsafeCheckpointError, match="pickle"):
         load_pipeline(copy)
+
+
+def test_a_text_encoder_that_kept_random_weights_is_refused(tmp_path):
+    # What transformers 5.5 and older do with the bundled model's text encoder (key layout of a later release):
+    # report the weights it cannot place and go on with random ones. Here: a file holding one encoder's weights, in
+    # the later layout (no "text_model." prefix), checked against another encoder of the same config.
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                            num_attention_heads=2, max_position_embeddings=16)
+    torch.manual_seed(0)
+    written = CLIPTextModel(config)
+    torch.manual_seed(1)
+    other = CLIPTextModel(config)
+    state = {k.removeprefix("text_model."): v.contiguous() for k, v in written.state_dict().items()}
+    save_file(state, str(tmp_path / "model.safetensors"))
+    # A variant file a plain load does not read is not held against the encoder.
+    save_file({k: v.half() for k, v in other.state_dict().items()}, str(tmp_path / "model.fp16.safetensors"))
+    check_text_encoder_loaded(written, tmp_path)
+    with pytest.raises(DataError, match=r"model\.safetensors: the text encoder's weight .* was not loaded"):
+        check_text_encoder_loaded(other, tmp_path)
