@@ -18,7 +18,13 @@ that screens buy over random search at the same compute. On the bundled base mod
     workers'). Three screen measures are compared: the training images' denoising loss, negated (train fit: a
     candidate that fits its own training images more memorizes more) and the probe noise norm, each against the
     memorization objective (``--memorization-proxy`` says which one the promotion rule reads), and the held-out
-    denoising loss against the quality objective.
+    denoising loss against the quality objective. From a study the same test is also read the way a difference is
+    judged everywhere else in memcontrol: candidates are sampled on the same prompts and noise seeds, so each pair's
+    difference has a paired bootstrap 95% interval (one resample matrix over sample positions for both runs); a pair
+    is *separated* when that interval excludes 0 (far less strict than disjoint intervals, about p < 0.006). Printed:
+    the largest sets of candidates every pair of which is separated (exhaustive search), with the Spearman over each
+    (the lowest decides), and the same at a Bonferroni level over all pairs. ``--screens FILE`` reuses the screens of
+    an earlier ``--run`` output (its ``fidelity.json``) on the same study instead of screening again.
 (b) Search. For each of ``--seeds``: a TPE search with multi-fidelity and a random search at full fidelity, at the
     same compute: the random search gets ``--random-trials`` candidates, the multi-fidelity one
     ``N = random_trials / (c + 1/eta)`` with ``c`` the screen / full cost measured in (a), so that screens plus
@@ -33,6 +39,7 @@ Results go to ``--out``/fidelity.json. The printed command line of the README's 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import math
@@ -50,11 +57,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from memcontrol.config import load_config  # noqa: E402
-from memcontrol.metrics.intervals import bootstrap_indices, percentile_interval  # noqa: E402
+from memcontrol.metrics.intervals import (bootstrap_indices, percentile_interval, resampled_frechet,  # noqa: E402
+                                          resampled_mean)
+from memcontrol.metrics.quality import gaussian_stats  # noqa: E402
+from memcontrol.search.claim import load_reference  # noqa: E402
 from memcontrol.search.context import build_context  # noqa: E402
 from memcontrol.search.hypervolume import hypervolume_2d  # noqa: E402
 from memcontrol.search.run import run_search  # noqa: E402
-from memcontrol.search.settings import load_settings  # noqa: E402
+from memcontrol.search.settings import load_settings, read_config  # noqa: E402
 from memcontrol.search.trial import evaluate_candidate  # noqa: E402
 from memcontrol.search.worker import bind_space  # noqa: E402
 
@@ -142,6 +152,90 @@ def apart_set(rows: list[dict], name: str) -> list[dict]:
     return chosen
 
 
+def run_statistics(run: Path, rows: list[dict]) -> tuple[dict, dict]:
+    """Per objective, each row's resampleable statistic (``idx -> values``) from the files its run kept: the mean NN
+    similarity of its memorization samples (``neighbours.json``) and the FD of its quality features to the study's
+    held-out reference; the statistic on all samples equals the study's own figure. Also the number of samples each
+    objective's runs drew (the same for every run, or they could not be paired)."""
+    from safetensors.numpy import load_file
+
+    reference = load_reference(run)
+    if reference is None:
+        raise SystemExit(f"{run}: no quality_reference.safetensors: a study made before the reference was kept")
+    stats = gaussian_stats(reference)
+    out, sizes = {"memorization": [], "quality": []}, {"memorization": set(), "quality": set()}
+    for r in rows:
+        folder = run / r["folder"]
+        sims = [n["similarity"] for n in json.loads((folder / "neighbours.json").read_text())]
+        out["memorization"].append(resampled_mean(sims))
+        features = load_file(str(folder / "quality_features.safetensors"))["features"].astype(np.float64)
+        out["quality"].append(resampled_frechet(features, stats))
+        sizes["memorization"].add(len(sims))
+        sizes["quality"].add(len(features))
+    for name, found in sizes.items():
+        if len(found) != 1:
+            raise SystemExit(f"{run}: the runs drew different numbers of {name} samples ({sorted(found)}): "
+                             "they cannot be paired")
+    return out, {name: found.pop() for name, found in sizes.items()}
+
+
+def paired_separation(statistics_: list, n_samples: int, seed: int, resamples: int, level: float) -> np.ndarray:
+    """n x n: True where the paired bootstrap interval of statistic_i - statistic_j excludes 0. Both runs were
+    sampled on the same prompts and seeds, so both see the same resampled positions (as ``intervals.paired``; each
+    run's resampled values are computed once here and differenced for every pair)."""
+    indices = bootstrap_indices(n_samples, resamples, seed)
+    everything = np.arange(n_samples)[None]
+    points = [float(np.asarray(f(everything))[0]) for f in statistics_]
+    resampled = [np.asarray(f(indices), dtype=np.float64) for f in statistics_]
+    n = len(statistics_)
+    separated = np.zeros((n, n), dtype=bool)
+    for i, j in itertools.combinations(range(n), 2):
+        diff = percentile_interval(points[i] - points[j], resampled[i] - resampled[j], level)
+        separated[i, j] = separated[j, i] = diff.excludes(0.0)
+    return separated
+
+
+def largest_separated_sets(separated: np.ndarray) -> list[tuple[int, ...]]:
+    """Every largest set of candidates whose pairs are all separated (the maximum cliques of the ``separated``
+    graph), by trying subsets from the largest size down; exhaustive, so for the dozen or so candidates of a study."""
+    n = len(separated)
+    if n > 22:
+        raise ValueError(f"{n} candidates: the exhaustive search is for at most 22")
+    for k in range(n, 0, -1):
+        found = [c for c in itertools.combinations(range(n), k)
+                 if all(separated[a, b] for a, b in itertools.combinations(c, 2))]
+        if found:
+            return found
+    return []
+
+
+def paired_analysis(run: Path, rows: list[dict], seed: int, resamples: int) -> dict:
+    """For each screen measure and its objective: the pairs the full evaluation separates by paired intervals, how
+    many the screen orders alike, and the Spearman over each largest set of candidates all pairwise separated, at
+    95% and at the Bonferroni level over all pairs."""
+    stats, n_samples = run_statistics(run, rows)
+    result = {}
+    pairs = len(rows) * (len(rows) - 1) // 2
+    for cheap, full in MEASURES:
+        entry = {}
+        for label, level in (("paired95", 0.95), ("bonferroni", 1 - 0.05 / max(pairs, 1))):
+            separated = paired_separation(stats[full], n_samples[full], seed, resamples, level)
+            sets = largest_separated_sets(separated)
+            agree = sum(bool(separated[i, j])
+                        and (rows[i][cheap] - rows[j][cheap]) * (rows[i][full] - rows[j][full]) > 0
+                        for i, j in itertools.combinations(range(len(rows)), 2))
+            rhos = [rank_agreement([rows[i][cheap] for i in c], [rows[i][full] for i in c], seed) if len(c) >= 3
+                    else None for c in sets]
+            entry[label] = {"level": level, "separated_pairs": int(separated[np.triu_indices(len(rows), 1)].sum()),
+                            "pairs": pairs, "separated_pairs_same_order": int(agree),
+                            "separated": [[rows[i]["label"], rows[j]["label"]]
+                                          for i, j in zip(*np.nonzero(np.triu(separated, 1)))],
+                            "largest_sets": [[rows[i]["candidate"] for i in c] for c in sets],
+                            "spearman": rhos}
+        result[f"{cheap}~{full}"] = entry
+    return result
+
+
 def ranking(args, out: Path) -> dict:
     settings = load_settings(config(args, True, "tpe", args.candidates, 0, out / "cache"), out / "ranking")
     ctx = build_context(settings, settings.model["device"], progress=False)
@@ -215,12 +309,15 @@ def ranking_from_run(args, out: Path) -> dict:
     search.update(sampler="tpe", fidelity={**search.get("fidelity", {}), "enabled": True, "min_steps": args.min_steps,
                                           "schedule": args.schedule, "memorization_proxy": args.memorization_proxy})
     found = study_candidates(Path(args.run))
-    jobs = [(candidate, str(out / "ranking" / str(i))) for i, (_, candidate) in enumerate(found)]
-    # Screens run as the study's trials did: ``--workers`` processes side by side, ``--threads`` threads each.
-    with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_init_screen_process,
-                             initargs=(cfg, str(out / "ranking"), args.device, args.threads)) as pool:
-        screens = list(pool.map(_screen, jobs))
+    if args.screens:
+        screens = earlier_screens(Path(args.screens), [full["folder"] for full, _ in found])
+    else:
+        jobs = [(candidate, str(out / "ranking" / str(i))) for i, (_, candidate) in enumerate(found)]
+        # Screens run as the study's trials did: ``--workers`` processes side by side, ``--threads`` threads each.
+        with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_init_screen_process,
+                                 initargs=(cfg, str(out / "ranking"), args.device, args.threads)) as pool:
+            screens = list(pool.map(_screen, jobs))
     rows = []
     for i, ((full, candidate), screen) in enumerate(zip(found, screens)):
         m = screen["metrics"]
@@ -233,7 +330,27 @@ def ranking_from_run(args, out: Path) -> dict:
               f"{row['screen_seconds']:.1f} s: train fit {row['screen_train_fit']:.5g}, noise norm "
               f"{row['screen_noise_norm']:.4g}, held-out loss {row['screen_quality']:.5g} | full "
               f"{row['full_seconds']:.0f} s: {row['memorization']:.3f}, {row['quality']:.1f}", flush=True)
-    return summarize(rows, args.candidate_seed)
+    result = summarize(rows, args.candidate_seed)
+    job = read_config(cfg)
+    both = [r for r in rows if r["screen_status"] == "screened"]
+    result["paired"] = paired_analysis(Path(args.run), both, job.sampling.seed, job.objectives.bootstrap_resamples)
+    return result
+
+
+def earlier_screens(path: Path, folders: list[str]) -> list[dict]:
+    """The screens of an earlier ``--run`` output (``fidelity.json``) for the study runs in ``folders``, in order;
+    refused unless it screened exactly those runs."""
+    if not path.is_file():
+        raise SystemExit(f"--screens {path}: no such file")
+    rows = json.loads(path.read_text()).get("ranking", {}).get("rows", [])
+    by_folder = {r.get("folder"): r for r in rows}
+    if sorted(by_folder) != sorted(folders):
+        raise SystemExit(f"--screens {path}: it screened {sorted(map(str, by_folder))}, the study has "
+                         f"{sorted(folders)}: not the same runs")
+    return [{"status": by_folder[f]["screen_status"], "seconds": by_folder[f]["screen_seconds"],
+             "metrics": {"screen_train_loss": -by_folder[f]["screen_train_fit"],
+                         "screen_noise_norm": by_folder[f]["screen_noise_norm"],
+                         "screen_quality": by_folder[f]["screen_quality"]}} for f in folders]
 
 
 def summarize(rows: list[dict], seed: int) -> dict:
@@ -298,6 +415,8 @@ def main() -> None:
     parser.add_argument("--skip-search", action="store_true", help="run (a) only")
     parser.add_argument("--run", default=None, help="(a) from this finished study's runs (implies --skip-search)")
     parser.add_argument("--config", default=None, help="the config the --run study was made with")
+    parser.add_argument("--screens", default=None,
+                        help="--run: reuse the screens of an earlier --run output on this study (its fidelity.json)")
     parser.add_argument("--workers", type=int, default=2, help="--run: screening processes side by side")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default torch's; 1 on a loaded machine, where two threads each wait "
@@ -325,6 +444,14 @@ def main() -> None:
 
     if args.run and not args.config:
         sys.exit("--run needs --config, the config the study was made with")
+    if args.screens and not args.run:
+        sys.exit("--screens needs --run: it reuses screens of that study")
+    if args.screens and Path(args.screens).is_file():
+        # The reused screens' own settings, so that what is printed and recorded describes them.
+        earlier = json.loads(Path(args.screens).read_text()).get("args", {})
+        for key in ("min_steps", "schedule", "memorization_proxy", "threads", "workers"):
+            if key in earlier:
+                setattr(args, key, earlier[key])
     rank = ranking_from_run(args, out) if args.run else ranking(args, out)
     report["ranking"] = rank
     full_steps = f"the study's {args.run}" if args.run else f"{args.steps} steps"
@@ -338,6 +465,16 @@ def main() -> None:
             a = r["apart_set_spearman"]
             print(f"    {len(r['apart_set'])} candidates pairwise apart (intervals disjoint): "
                   + (f"Spearman over them {a['rho']:.2f} [{a['ci_low']:.2f}, {a['ci_high']:.2f}]" if a else "too few"))
+    for key, entry in rank.get("paired", {}).items():
+        for label, r in entry.items():
+            rhos = [x for x in r["spearman"] if x is not None]
+            size = len(r["largest_sets"][0]) if r["largest_sets"] else 0
+            print(f"  {key}, paired intervals at {r['level']:.4%} ({label}): {r['separated_pairs']} of {r['pairs']} "
+                  f"pairs separated, the screen orders {r['separated_pairs_same_order']} alike; "
+                  f"{len(r['largest_sets'])} largest set(s) of {size} candidates all pairwise separated"
+                  + (f": Spearman over them {min(x['rho'] for x in rhos):.2f} to {max(x['rho'] for x in rhos):.2f}"
+                     f" (the lowest: interval [{min(rhos, key=lambda x: x['rho'])['ci_low']:.2f}, "
+                     f"{min(rhos, key=lambda x: x['rho'])['ci_high']:.2f}])" if rhos else ""))
     c = rank["cost_ratio"]
     print(f"  cost: a full trial costs x{c['median']:.1f} a screen (median; range {c['min']:.1f}-{c['max']:.1f})")
     (out / "fidelity.json").write_text(json.dumps(report, indent=2, default=float) + "\n")

@@ -8,14 +8,24 @@ rate and quality in each study and whether the studies' 95% intervals overlap; t
 fine-tuning's copy rate, the quality gain the chosen candidate recovers, the copy rate it cuts) and its verdicts
 against the other rows, study by study. The chosen candidate and its controls are whatever each study chose: their
 rows compare the procedure, not one mask.
+
+    python bench/seeds.py --rankings runs/paired_ladder/fidelity.json runs/paired_ladder_seed1/fidelity.json [...]
+
+Reads instead ``bench/fidelity.py --run`` outputs of one config at different training seeds and asks how far the
+intervals printed there (which cover the sampling of one trained model) stand for training noise too: for each
+objective, Spearman between the studies' full-fidelity values of the candidates they share, and of the candidate
+pairs whose paired 95% interval separated them in both studies, how many the two studies order the opposite way.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
+
+from scipy.stats import spearmanr
 
 
 def load_claim(run: Path) -> dict:
@@ -49,10 +59,43 @@ def shared_rows(claims: list[dict]) -> list[tuple[str, list[dict]]]:
     return [(name, [t[name] for t in tables]) for name in tables[0] if all(name in t for t in tables)]
 
 
+def training_noise(reports: list[dict], names: list[str]) -> dict:
+    """Per objective and pair of studies: Spearman over the shared candidates, and the pairs separated in both
+    studies (paired 95%) that they order alike and the opposite way."""
+    out = {}
+    for key in ("screen_train_fit~memorization", "screen_quality~quality"):
+        objective = key.split("~")[1]
+        values = [{r["label"]: r[objective] for r in rep["ranking"]["rows"]} for rep in reports]
+        separated = [[tuple(p) for p in rep["ranking"]["paired"][key]["paired95"]["separated"]] for rep in reports]
+        for a, b in itertools.combinations(range(len(reports)), 2):
+            shared = [label for label in values[a] if label in values[b]]
+            rho = float(spearmanr([values[a][x] for x in shared], [values[b][x] for x in shared]).statistic)
+            in_b = {frozenset(p) for p in separated[b]}
+            both = [p for p in separated[a] if frozenset(p) in in_b]
+            reversed_ = [p for p in both
+                         if (values[a][p[0]] - values[a][p[1]]) * (values[b][p[0]] - values[b][p[1]]) < 0]
+            out[f"{objective}: {names[a]} vs {names[b]}"] = {
+                "candidates": len(shared), "spearman": rho, "separated_in_both": len(both),
+                "opposite_order": len(reversed_), "opposite_pairs": reversed_}
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path, help="finished run folders of one config with different seeds")
+    ap.add_argument("--rankings", action="store_true",
+                    help="the arguments are bench/fidelity.py --run outputs (fidelity.json): training noise")
     args = ap.parse_args(argv)
+    if args.rankings:
+        missing = [p for p in args.runs if not p.is_file()]
+        if missing:
+            raise SystemExit(f"{missing[0]}: missing (write it with bench/fidelity.py --run ... --out DIR)")
+        noise = training_noise([json.loads(p.read_text()) for p in args.runs], [str(p) for p in args.runs])
+        for what, r in noise.items():
+            print(f"{what}: Spearman {r['spearman']:.2f} over {r['candidates']} candidates; of "
+                  f"{r['separated_in_both']} pairs separated in both, {r['opposite_order']} in the opposite order"
+                  + (f" ({'; '.join(' / '.join(p) for p in r['opposite_pairs'])})" if r["opposite_pairs"] else ""))
+        return 0
     claims = [load_claim(run) for run in args.runs]
     names = [str(run) for run in args.runs]
 

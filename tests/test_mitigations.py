@@ -7,6 +7,7 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from fixtures_masks import CAPTIONS
@@ -15,6 +16,7 @@ from fixtures_search import cheap_search_config, write_config
 
 from memcontrol.config import read_config
 from memcontrol.masks import Mask
+from memcontrol.metrics.intervals import bootstrap_indices, paired
 from memcontrol.mitigations.captions import CaptionMitigation, caption_mitigator, randomise_captions, word_token_ids
 from memcontrol.training import TrainConfig, finetune
 from memcontrol.training.cache import tokenize
@@ -190,10 +192,30 @@ def test_a_search_reports_the_mitigation_baselines_with_intervals(tmp_path, tiny
     screened = {row["label"] for row, _ in bench.study_candidates(out)}
     assert "full fine-tuning" in screened and "trial 0" in screened
     assert not screened & (set(labels.values()) - {"full fine-tuning"})
+    # Its paired reading starts from the files each run kept: on all samples they give the study's own figures.
+    job = read_config(tmp_path / "search.yaml")
+    found = [row for row, _ in bench.study_candidates(out)]
+    stats, sizes = bench.run_statistics(out, found)
+    for name in ("memorization", "quality"):
+        for row, statistic in zip(found, stats[name]):
+            assert statistic(np.arange(sizes[name])[None])[0] == pytest.approx(row[name], rel=1e-6)
+        # Separated exactly when the library's paired interval of the difference excludes 0.
+        indices = bootstrap_indices(sizes[name], job.objectives.bootstrap_resamples, job.sampling.seed)
+        separated = bench.paired_separation(stats[name], sizes[name], job.sampling.seed,
+                                            job.objectives.bootstrap_resamples, 0.95)
+        assert separated[0, 1] == paired(stats[name][0], stats[name][1], indices).excludes(0.0)
+    # Screens written by an earlier run of the bench are reused only for exactly the study's runs.
+    earlier = [{"folder": row["folder"], "screen_status": "screened", "screen_seconds": 1.0, "screen_train_fit": -0.5,
+                "screen_noise_norm": 1.5, "screen_quality": 0.25} for row in found]
+    (tmp_path / "screens.json").write_text(json.dumps({"ranking": {"rows": earlier}}))
+    folders = [row["folder"] for row in found]
+    reused = bench.earlier_screens(tmp_path / "screens.json", folders)
+    assert [r["metrics"]["screen_train_loss"] for r in reused] == [0.5] * len(found)
+    with pytest.raises(SystemExit, match="not the same runs"):
+        bench.earlier_screens(tmp_path / "screens.json", folders[:-1])
     # bench/interval_coverage.py --run recomputes the claim's paired quality comparisons from the kept features: its
     # percentile intervals are claim.json's (the README sets the basic interval beside them on that basis).
     bench = load_script("bench/interval_coverage.py")
-    job = read_config(tmp_path / "search.yaml")
     recomputed = bench.claim_comparisons(out, job.objectives.bootstrap_resamples, job.sampling.seed)
     assert [r["label"] for r in recomputed] == [c["label"] for c in claim["comparisons"]]
     for row in recomputed:

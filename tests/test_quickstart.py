@@ -130,6 +130,27 @@ def test_the_seeds_benchmark_sets_studies_side_by_side(quick_run, tmp_path):
     assert done.stdout.count("quality gain recovered by the chosen candidate") == 2
 
 
+def test_the_seeds_benchmark_counts_separated_pairs_two_trainings_order_apart():
+    # Two hand-made ranking reports of candidates a, b, c: at the second seed b and c swap places on quality.
+    bench = load_script("bench/seeds.py")
+
+    def report(mem, qual, separated):
+        rows = [{"label": x, "memorization": m, "quality": q} for x, m, q in zip("abc", mem, qual)]
+        paired = {key: {"paired95": {"separated": separated}}
+                  for key in ("screen_train_fit~memorization", "screen_quality~quality")}
+        return {"ranking": {"rows": rows, "paired": paired}}
+
+    first = report([0.1, 0.2, 0.3], [10, 20, 30], [["a", "b"], ["b", "c"], ["a", "c"]])
+    second = report([0.1, 0.25, 0.3], [10, 30, 20], [["c", "b"], ["a", "c"]])
+    noise = bench.training_noise([first, second], ["s0", "s1"])
+    assert noise["memorization: s0 vs s1"]["spearman"] == pytest.approx(1.0)
+    assert noise["memorization: s0 vs s1"]["separated_in_both"] == 2
+    assert noise["memorization: s0 vs s1"]["opposite_order"] == 0
+    quality = noise["quality: s0 vs s1"]
+    assert quality["spearman"] == pytest.approx(0.5) and quality["separated_in_both"] == 2
+    assert quality["opposite_pairs"] == [("b", "c")]
+
+
 def test_the_affine_residual_forgives_exposure_and_nothing_else():
     # bench/quickstart.py tells a copy at another exposure from another image: a gain and an offset are fitted away,
     # the anatomy is not.

@@ -10,6 +10,7 @@ import itertools
 import math
 import random
 
+import numpy as np
 import optuna
 import pytest
 from optuna.distributions import FloatDistribution
@@ -19,6 +20,7 @@ from fixtures_scripts import load_script
 from fixtures_search import cheap_search_config, write_config
 from memcontrol.cli import main
 from memcontrol.errors import ConfigError
+from memcontrol.metrics.intervals import bootstrap_indices, interval, resampled_mean
 from memcontrol.search import fidelity as fd
 from memcontrol.search import study as st
 from memcontrol.search.hypervolume import hypervolume_2d
@@ -83,6 +85,42 @@ def test_the_largest_set_of_candidates_pairwise_apart():
                    if all(min(a["q_ci_high"], b["q_ci_high"]) < max(a["q_ci_low"], b["q_ci_low"])
                           for a, b in itertools.combinations(subset, 2)))
         assert len(chosen) == best
+
+
+def test_the_largest_sets_of_candidates_all_pairwise_separated():
+    import networkx as nx  # torch's own dependency: an independent maximum-clique search to check against
+
+    bench = load_script("bench/fidelity.py")
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        n = int(rng.integers(1, 10))
+        upper = np.triu(rng.random((n, n)) < rng.uniform(0.2, 0.9), 1)
+        separated = upper | upper.T
+        found = bench.largest_separated_sets(separated)
+        graph = nx.Graph()
+        graph.add_nodes_from(range(n))
+        graph.add_edges_from(zip(*np.nonzero(upper)))
+        cliques = [tuple(sorted(c)) for c in nx.find_cliques(graph)]
+        size = max(len(c) for c in cliques)
+        assert sorted(found) == sorted(c for c in cliques if len(c) == size)
+
+
+def test_paired_intervals_separate_what_overlapping_intervals_cannot():
+    # Three runs on the same 200 samples: b is a plus a small shift, c draws its own noise with a's mean. Alone each
+    # interval is as wide as the samples' spread, so a and b overlap; paired, their difference is the shift.
+    bench = load_script("bench/fidelity.py")
+    rng = np.random.default_rng(1)
+    a = rng.normal(0.5, 0.1, 200)
+    runs = [a, a + 0.01 + rng.normal(0, 0.002, 200), rng.normal(0.5, 0.1, 200), a.copy()]
+    statistics = [resampled_mean(v) for v in runs]
+    separated = bench.paired_separation(statistics, 200, seed=0, resamples=1000, level=0.95)
+    assert (separated == separated.T).all() and not separated.diagonal().any()
+    assert separated[0, 1] and not separated[0, 2] and not separated[0, 3]
+    rows = []
+    for i, values in enumerate(runs[:2]):
+        ci = interval(resampled_mean(values), bootstrap_indices(200, 1000, 0))
+        rows.append({"candidate": i, **ci.fields("m")})
+    assert len(bench.apart_set(rows, "m")) == 1  # disjoint intervals: not told apart
 
 
 def _settings(tmp_path, tiny_pipe_dir, search_data, n_trials, **fidelity):
