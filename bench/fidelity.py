@@ -467,14 +467,13 @@ def main() -> None:
                   + (f"Spearman over them {a['rho']:.2f} [{a['ci_low']:.2f}, {a['ci_high']:.2f}]" if a else "too few"))
     for key, entry in rank.get("paired", {}).items():
         for label, r in entry.items():
-            rhos = [x for x in r["spearman"] if x is not None]
+            rhos = sorted((x for x in r["spearman"] if x is not None), key=lambda x: x["rho"])
             size = len(r["largest_sets"][0]) if r["largest_sets"] else 0
-            print(f"  {key}, paired intervals at {r['level']:.4%} ({label}): {r['separated_pairs']} of {r['pairs']} "
-                  f"pairs separated, the screen orders {r['separated_pairs_same_order']} alike; "
+            print(f"  {key}, paired intervals at {r['level'] * 100:.4g}% ({label}): {r['separated_pairs']} of "
+                  f"{r['pairs']} pairs separated, the screen orders {r['separated_pairs_same_order']} alike; "
                   f"{len(r['largest_sets'])} largest set(s) of {size} candidates all pairwise separated"
-                  + (f": Spearman over them {min(x['rho'] for x in rhos):.2f} to {max(x['rho'] for x in rhos):.2f}"
-                     f" (the lowest: interval [{min(rhos, key=lambda x: x['rho'])['ci_low']:.2f}, "
-                     f"{min(rhos, key=lambda x: x['rho'])['ci_high']:.2f}])" if rhos else ""))
+                  + (f": Spearman over them {rhos[0]['rho']:.2f} to {rhos[-1]['rho']:.2f} (the lowest: interval "
+                     f"[{rhos[0]['ci_low']:.2f}, {rhos[0]['ci_high']:.2f}])" if rhos else ""))
     c = rank["cost_ratio"]
     print(f"  cost: a full trial costs x{c['median']:.1f} a screen (median; range {c['min']:.1f}-{c['max']:.1f})")
     (out / "fidelity.json").write_text(json.dumps(report, indent=2, default=float) + "\n")

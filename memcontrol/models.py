@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -105,7 +106,7 @@ def check_text_encoder_loaded(text_encoder, folder: Path) -> None:
     loaded = text_encoder.state_dict()
     # The files a plain load reads: one file or its shards (a variant such as model.fp16.safetensors is not read).
     files = [f for f in sorted(Path(folder).glob("model*.safetensors"))
-             if f.name == "model.safetensors" or "-of-" in f.name]
+             if re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors", f.name)]
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():
