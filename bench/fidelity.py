@@ -65,7 +65,7 @@ from memcontrol.search.context import build_context  # noqa: E402
 from memcontrol.search.hypervolume import hypervolume_2d  # noqa: E402
 from memcontrol.search.run import run_search  # noqa: E402
 from memcontrol.search.settings import load_settings, read_config  # noqa: E402
-from memcontrol.search.trial import evaluate_candidate  # noqa: E402
+from memcontrol.search.trial import QUALITY_FEATURES, evaluate_candidate  # noqa: E402
 from memcontrol.search.worker import bind_space  # noqa: E402
 
 BASE_MODEL = ROOT / "data" / "base_model"
@@ -168,7 +168,7 @@ def run_statistics(run: Path, rows: list[dict]) -> tuple[dict, dict]:
         folder = run / r["folder"]
         sims = [n["similarity"] for n in json.loads((folder / "neighbours.json").read_text())]
         out["memorization"].append(resampled_mean(sims))
-        features = load_file(str(folder / "quality_features.safetensors"))["features"].astype(np.float64)
+        features = load_file(str(folder / QUALITY_FEATURES))["features"].astype(np.float64)
         out["quality"].append(resampled_frechet(features, stats))
         sizes["memorization"].add(len(sims))
         sizes["quality"].add(len(features))
@@ -340,8 +340,6 @@ def ranking_from_run(args, out: Path) -> dict:
 def earlier_screens(path: Path, folders: list[str]) -> list[dict]:
     """The screens of an earlier ``--run`` output (``fidelity.json``) for the study runs in ``folders``, in order;
     refused unless it screened exactly those runs."""
-    if not path.is_file():
-        raise SystemExit(f"--screens {path}: no such file")
     rows = json.loads(path.read_text()).get("ranking", {}).get("rows", [])
     by_folder = {r.get("folder"): r for r in rows}
     if sorted(by_folder) != sorted(folders):
@@ -446,7 +444,9 @@ def main() -> None:
         sys.exit("--run needs --config, the config the study was made with")
     if args.screens and not args.run:
         sys.exit("--screens needs --run: it reuses screens of that study")
-    if args.screens and Path(args.screens).is_file():
+    if args.screens:
+        if not Path(args.screens).is_file():
+            sys.exit(f"--screens {args.screens}: no such file")
         # The reused screens' own settings, so that what is printed and recorded describes them.
         earlier = json.loads(Path(args.screens).read_text()).get("args", {})
         for key in ("min_steps", "schedule", "memorization_proxy", "threads", "workers"):

@@ -189,12 +189,12 @@ def test_a_search_reports_the_mitigation_baselines_with_intervals(tmp_path, tiny
     # bench/fidelity.py --run screens the runs of the search space only: each mitigation trains on other captions or
     # data, or samples otherwise, and the base model trains nothing.
     bench = load_script("bench/fidelity.py")
-    screened = {row["label"] for row, _ in bench.study_candidates(out)}
+    found = [row for row, _ in bench.study_candidates(out)]
+    screened = {row["label"] for row in found}
     assert "full fine-tuning" in screened and "trial 0" in screened
     assert not screened & (set(labels.values()) - {"full fine-tuning"})
     # Its paired reading starts from the files each run kept: on all samples they give the study's own figures.
     job = read_config(tmp_path / "search.yaml")
-    found = [row for row, _ in bench.study_candidates(out)]
     stats, sizes = bench.run_statistics(out, found)
     for name in ("memorization", "quality"):
         for row, statistic in zip(found, stats[name]):
