@@ -29,6 +29,11 @@ evaluated run of each study and over the studies, with Wilson 95% intervals.
    8 x 5 / 4,008 = 1.0% of the time, the rate tau is calibrated to; checked on ``--chance`` (1,000) further real
    patients of the site (the set after the background), which it should call copies about that often. The
    configs' rule is scored against it beside the pixel truth, per study and pooled.
+6. **Another copy detector** (``--candidate DIR``, repeatable: a metric-net folder, e.g. one that
+   ``pipelines/train_metric_nets.py`` retrained). Each candidate and the configs' detector get their own tau at the
+   same false-positive rate on the same ``--calibration`` patients, then detect on the same samples; scored against
+   both truths with Wilson 95% intervals, and against the configs' detector by paired bootstrap over the pooled samples
+   (the difference in precision and recall; Bonferroni over the candidates; runs are not resampled as clusters).
 """
 
 from __future__ import annotations
@@ -95,13 +100,52 @@ def threshold_frontier(similarities, named, truth, precision_floor: float = 0.95
     return best_p, best_r
 
 
+def near_sets(ranks, patients: list[str], k: int) -> list[set]:
+    """Per sample, the private patients the near-miss truth says it copies: those among its ``k`` nearest in pixels
+    (``ranks``: ``patient_ranks`` of the samples, columns in ``patients`` order)."""
+    return [{p for p, rank in zip(patients, row) if rank <= k} for row in ranks]
+
+
 def near_miss(detected: list, ranks, patients: list[str], k: int) -> dict:
     """Detections against the near-miss truth: a sample copies every private patient among its ``k`` nearest in
     pixels (``ranks``: ``patient_ranks`` of the samples, columns in ``patients`` order); a detection is right when
     the patient it names is one of them."""
-    within = [{p for p, rank in zip(patients, row) if rank <= k} for row in ranks]
+    within = near_sets(ranks, patients, k)
     return {"true_positives": sum(d is not None and d in w for d, w in zip(detected, within)),
             "detected": sum(d is not None for d in detected), "true_copies": sum(bool(w) for w in within)}
+
+
+def detector_comparison(copies, named, near_right, pixel_right, pixel_copies, resamples: int = 2000,
+                        seed: int = 0) -> dict:
+    """Per detector (row 0: the reference), precision and recall against the near-miss and the pixel truth, and each
+    other row's paired differences from row 0 (precision, recall; near-miss truth) with a Bonferroni level over
+    them. Arguments are per sample: ``copies``/``pixel_copies`` (n) whether the truth calls it a copy, ``named``,
+    ``near_right``, ``pixel_right`` (detectors x n) whether the detector named a patient, and a right one."""
+    from memcontrol.metrics.intervals import LEVEL, bootstrap_indices, paired, wilson
+
+    named, near_right, pixel_right = (np.asarray(a, dtype=np.float64) for a in (named, near_right, pixel_right))
+    copies, pixel_copies = np.asarray(copies, dtype=np.float64), np.asarray(pixel_copies, dtype=np.float64)
+    level = 1 - (1 - LEVEL) / max(1, len(named) - 1)
+    indices = bootstrap_indices(len(copies), resamples, seed)
+
+    def precision(d):
+        return lambda idx: near_right[d][idx].sum(1) / named[d][idx].sum(1)
+
+    def recall(d):
+        return lambda idx: near_right[d][idx].sum(1) / copies[idx].sum(1)
+
+    rows = []
+    for d in range(len(named)):
+        hits, found = int(near_right[d].sum()), int(named[d].sum())
+        pixel_hits = int(pixel_right[d].sum())
+        row = {"detected": found, "near": {"precision": wilson(hits, found), "recall": wilson(hits, int(copies.sum()))},
+               "pixel": {"precision": wilson(pixel_hits, found), "recall": wilson(pixel_hits, int(pixel_copies.sum()))}}
+        if d:
+            row["difference"] = {"precision": paired(precision(d), precision(0), indices, level=level),
+                                 "recall": paired(recall(d), recall(0), indices, level=level), "level": level}
+        rows.append(row)
+    return {"samples": len(copies), "near_copies": int(copies.sum()), "pixel_copies": int(pixel_copies.sum()),
+            "detectors": rows}
 
 
 def near_summary(label: str, runs: list[dict], k: int) -> None:
@@ -136,7 +180,13 @@ def main(argv=None) -> int:
     ap.add_argument("--beta", type=float, default=1.0)
     ap.add_argument("--k", type=int, default=1)
     ap.add_argument("--fpr", type=float, default=0.01)
+    ap.add_argument("--candidate", type=Path, action="append", default=[],
+                    help="another copy detector (a metric-net folder) to compare with the configs' (repeatable)")
     args = ap.parse_args(argv)
+    for folder in args.candidate:
+        if not (folder / "config.json").is_file():
+            ap.error(f"--candidate {folder}: no config.json there (a metric-net folder holds config.json and "
+                     "model.safetensors)")
 
     import torch
 
@@ -162,6 +212,9 @@ def main(argv=None) -> int:
     chance_from = background_from + args.background
     needed = max(1000 * args.tau_sets, chance_from + args.chance)
     near_pooled, chance_checked = [], False
+    candidates = {f"candidate {folder}": build_embedder({"type": "metric_net", "path": str(folder)})
+                  for folder in args.candidate}
+    compared = {"copies": [], "pixel_copies": [], "named": [], "near_right": [], "pixel_right": []}
     for run, config in args.study:
         run = Path(run)
         settings = load_settings(load_config(config), run)
@@ -175,9 +228,9 @@ def main(argv=None) -> int:
         if resolution not in rendered:  # once: every set below is a slice of the same held-out patients
             rendered[resolution] = private_site_heldout(needed, resolution)[0]
 
-        def patients(skip: int, count: int):
+        def patients(skip: int, count: int, by=embedder):
             images = rendered[resolution][skip:skip + count]
-            return embedder.embed(torch.stack([to_model_tensor(im, resolution, channels) for im in images])).float()
+            return by.embed(torch.stack([to_model_tensor(im, resolution, channels) for im in images])).float()
 
         if not reported_spread and args.tau_sets:
             taus = [calibrate_tau(patients(skip, 1000), private_feats, args.fpr)[0]
@@ -198,6 +251,13 @@ def main(argv=None) -> int:
         tau = float(mem["tau"])
         print(f"\n{run}: config tau {tau:.4f}; normalized score's threshold {tau_n:.4f} (beta {args.beta:g}, "
               f"k {args.k}, {args.background} background patients)", flush=True)
+        detectors = {"configs' detector": (embedder, private_feats), **{
+            name: (e, e.embed(private).float()) for name, e in candidates.items()}}
+        taus = {name: calibrate_tau(patients(args.others, args.calibration, e), feats, args.fpr)[0]
+                for name, (e, feats) in detectors.items()}
+        if candidates:
+            print("tau of each detector at the same false-positive rate: "
+                  + ", ".join(f"{name} {t:.4f}" for name, t in taus.items()), flush=True)
         images = q.real_images(settings, args.others)
         scored = q.score_runs(run, None, settings, images)
         private_drawn, keys, others = images
@@ -229,6 +289,18 @@ def main(argv=None) -> int:
             study_wrong += [w for w in wrong if w is not None]
             wrong_ranks += [rank[patient_keys.index(w)] for rank, w in zip(ranks, wrong) if w is not None]
             near = near_miss(detected, ranks, patient_keys, args.near)
+            if candidates:
+                within = near_sets(ranks, patient_keys, args.near)
+                named = []
+                for name, (e, feats) in detectors.items():
+                    sims, idx = nearest_neighbours(e.embed(samples).float(), feats, k=1)
+                    named.append([dataset.keys[i] if sim > taus[name] else None
+                                  for sim, i in zip(sims[:, 0].tolist(), idx[:, 0].tolist())])
+                compared["copies"] += [bool(w) for w in within]
+                compared["pixel_copies"] += [t is not None for t in truth]
+                compared["named"].append([[n is not None for n in d] for d in named])
+                compared["near_right"].append([[n is not None and n in w for n, w in zip(d, within)] for d in named])
+                compared["pixel_right"].append([[n is not None and n == t for n, t in zip(d, truth)] for d in named])
             near_study.append(near)
             renamed = [dataset.keys[i] if s > tau_n else None for s, i in zip(normalized, idx)]
             for name, found in (("config", detected), ("normalized", renamed)):
@@ -250,6 +322,21 @@ def main(argv=None) -> int:
     if len(args.study) > 1:
         summary("pooled over the studies", pooled)
         near_summary("pooled over the studies", near_pooled, args.near)
+
+    if candidates:
+        stacked = {key: np.concatenate(compared[key], axis=1) for key in ("named", "near_right", "pixel_right")}
+        result = detector_comparison(compared["copies"], stacked["named"], stacked["near_right"],
+                                     stacked["pixel_right"], compared["pixel_copies"])
+        print(f"\nthe detectors on the same {result['samples']} samples ({result['near_copies']} near-miss copies, "
+              f"k {args.near}; {result['pixel_copies']} pixel-truth copies), each at its own tau:")
+        for name, row in zip(["configs' detector", *candidates], result["detectors"]):
+            print(f"{name}: {row['detected']} detected; near-miss truth precision {row['near']['precision']}, "
+                  f"recall {row['near']['recall']}; pixel truth precision {row['pixel']['precision']}, "
+                  f"recall {row['pixel']['recall']}")
+            if "difference" in row:
+                diff = row["difference"]
+                print(f"  minus the configs' detector, paired ({diff['level']:.2%}): precision {diff['precision']}, "
+                      f"recall {diff['recall']}")
 
     n_patients = len(set(keys)) + args.others
     for label, ranks in (("the config rule's wrong detections, the detected patient", wrong_ranks),

@@ -143,6 +143,28 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return y.clamp(0, 1) * 2 - 1
 
 
+def generated_look(x: torch.Tensor, gen: torch.Generator, share: float, contrast: float = 2.0,
+                   noise: float = 0.12) -> torch.Tensor:
+    """What a fine-tuned diffusion model's copy of a patient shows beyond a re-take (the missed copies of a
+    full fine-tune: the patient's anatomy at up to twice the contrast, darker, with blotchy low-frequency noise), on a
+    ``share`` of the images: contrast about the image mean x log-uniform [0.7, ``contrast``], offset [-0.25, 0.1],
+    gamma [0.6, 1.6], and a Gaussian noise field drawn at 4 to 16 px and smoothed up (std up to ``noise``). ``x`` in
+    [-1, 1]."""
+    n, _, h, w = x.shape
+
+    def u(lo, hi):
+        return (lo + (hi - lo) * torch.rand(n, generator=gen))[:, None, None, None]
+
+    y = (x + 1) / 2
+    mean = y.mean((1, 2, 3), keepdim=True)
+    y = (mean + torch.exp(u(np.log(0.7), np.log(contrast))) * (y - mean) + u(-0.25, 0.1)).clamp(0, 1) ** u(0.6, 1.6)
+    coarse = int(torch.randint(4, 17, (1,), generator=gen))
+    field = torch.randn(n, 1, coarse, coarse, generator=gen)
+    y = y + u(0.0, noise) * F.interpolate(field, size=(h, w), mode="bilinear", align_corners=False)
+    on = (torch.rand(n, generator=gen) < share)[:, None, None, None]
+    return torch.where(on, y.clamp(0, 1) * 2 - 1, x)
+
+
 def copy_views(seeds: list[int], size: int, variants: int, seed: int) -> torch.Tensor:
     """V x N x 1 x size x size: each chest patient re-acquired ``variants`` times (the first view is the original
     render); brain patients (no re-acquisition model) repeat their original and get their variety from
@@ -301,6 +323,8 @@ def train_copy_detector(args, train, evaluation) -> tuple[MetricNet, dict]:
             x = images[idx].clone()
             chest = idx < n_chest
             x[chest] = views[pick[v, chest], idx[chest]]
+            if args.generated_look:
+                x = generated_look(x, gen, args.generated_look)
             pairs.append(augment(x, gen))
         return nt_xent(net(pairs[0]), net(pairs[1]), args.temperature)
 
@@ -322,6 +346,9 @@ def main(argv=None) -> int:
     ap.add_argument("--recon-weight", type=float, default=1.0, help="domain: weight of the reconstruction loss")
     ap.add_argument("--variants", type=int, default=4, help="copy detector: acquisitions per chest patient")
     ap.add_argument("--temperature", type=float, default=0.1)
+    ap.add_argument("--generated-look", type=float, default=0.0, metavar="SHARE",
+                    help="copy detector: the share of views drawn with a fine-tuned model's copy look (wide contrast "
+                         "and exposure, coarse noise); 0: none")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
@@ -345,7 +372,8 @@ def main(argv=None) -> int:
         if kind == "domain":
             provenance["recon_weight"] = args.recon_weight
         else:
-            provenance.update(variants=args.variants, temperature=args.temperature)
+            provenance.update(variants=args.variants, temperature=args.temperature,
+                              generated_look=args.generated_look)
         save_metric_net(net, args.out / kind, provenance)
         print(json.dumps(provenance, indent=2), flush=True)
     return 0

@@ -100,3 +100,17 @@ def test_the_pipeline_trains_and_ships_both_networks(tmp_path):
         assert "measured_on_unseen_public" in provenance
         embedder = build_embedder({"type": "metric_net", "path": str(tmp_path / kind)})
         assert embedder.embed(torch.zeros(2, 3, 64, 64)).shape == (2, 64)
+
+
+def test_the_generated_look_changes_the_share_of_views_it_is_given():
+    module = load_script("pipelines/train_metric_nets.py")
+    x = torch.rand(64, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    untouched = module.generated_look(x, torch.Generator().manual_seed(1), share=0.0)
+    assert torch.equal(untouched, x)
+    looked = module.generated_look(x, torch.Generator().manual_seed(1), share=0.5)
+    changed = (looked != x).flatten(1).any(1)
+    assert 16 <= int(changed.sum()) <= 48  # about half of 64 (binomial: 4 standard deviations either side)
+    assert looked.min() >= -1 and looked.max() <= 1
+    # wider contrast than the shipped augmentation's 0.85-1.15: some views' spread about their mean at least 1.3x
+    spread = looked[changed].flatten(1).std(1) / x[changed].flatten(1).std(1)
+    assert float(spread.max()) > 1.3

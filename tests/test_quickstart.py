@@ -16,6 +16,7 @@ import torch
 from fixtures_scripts import load_script
 from fixtures_search import write_config
 from memcontrol.cli import main
+from memcontrol.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 BASE_MODEL = REPO / "data" / "base_model"
@@ -242,6 +243,30 @@ def test_the_near_miss_truth_counts_every_patient_within_k():
     assert bench.near_miss(["b", None, "b"], ranks, ["a", "b", "c"], k=7)["true_positives"] == 2
 
 
+def test_the_detector_comparison_scores_both_truths_and_pairs_the_differences():
+    bench = load_script("bench/detector_rules.py")
+    # 8 samples: 0-3 near-miss copies (0-1 also pixel-truth copies); the reference names 0, 1 and 6 (6 wrongly), the
+    # candidate 0-3; a third detector is the reference again
+    copies = [1, 1, 1, 1, 0, 0, 0, 0]
+    pixel_copies = [1, 1, 0, 0, 0, 0, 0, 0]
+    reference, candidate = [1, 1, 0, 0, 0, 0, 1, 0], [1, 1, 1, 1, 0, 0, 0, 0]
+    named = [reference, candidate, reference]
+    near_right = [[1, 1, 0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0]]
+    pixel_right = [[1, 1, 0, 0, 0, 0, 0, 0]] * 3
+    result = bench.detector_comparison(copies, named, near_right, pixel_right, pixel_copies, resamples=500)
+    ref, cand, same = result["detectors"]
+    assert (result["near_copies"], result["pixel_copies"], ref["detected"], cand["detected"]) == (4, 2, 3, 4)
+    assert ref["near"]["precision"].value == pytest.approx(2 / 3) and ref["near"]["recall"].value == 0.5
+    assert cand["near"]["precision"].value == 1.0 and cand["near"]["recall"].value == 1.0
+    assert cand["pixel"]["precision"].value == 0.5 and cand["pixel"]["recall"].value == 1.0
+    assert ref["near"]["recall"].low < 0.5 < ref["near"]["recall"].high  # Wilson, not a point
+    diff = cand["difference"]
+    assert diff["level"] == pytest.approx(0.975)  # Bonferroni over the two compared detectors
+    assert diff["recall"].value == 0.5 and diff["precision"].value == pytest.approx(1 / 3)
+    assert diff["recall"].low >= 0 and diff["recall"].high <= 1  # the candidate finds every copy the reference does
+    assert (same["difference"]["recall"].low, same["difference"]["recall"].high) == (0, 0)
+
+
 def test_the_threshold_frontier_is_what_trying_every_threshold_finds():
     bench = load_script("bench/detector_rules.py")
     rng = np.random.default_rng(0)
@@ -292,3 +317,19 @@ def test_the_detector_rules_bench_scores_a_study(quick_run, tmp_path):
     assert "20 further real patients of the site called copies" in done.stdout
     near = next(line for line in done.stdout.splitlines() if "against the near-miss truth (k 5)" in line)
     assert int(near.split("truth (k 5): ")[1].split(" detected")[0]) == expected  # the same detections, judged again
+
+    # The configs' own detector as a candidate: the same tau at the same patients, the same detections, no difference.
+    # At a false-positive rate of 0.9 the tiny model's samples are detected too, so precision is a number.
+    shipped = REPO / "data" / "metric_nets" / "copy_detector"
+    assert load_config(config)["objectives"]["memorization"]["features"]["path"].endswith("metric_nets/copy_detector")
+    done = subprocess.run(command + ["--fpr", "0.9", "--candidate", str(shipped)], capture_output=True, text=True,
+                          cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    ours = next(line for line in lines if line.startswith("configs' detector: "))
+    theirs = next(line for line in lines if line.startswith(f"candidate {shipped}: "))
+    assert ours.split(": ", 1)[1] == theirs.split(": ", 1)[1] and int(ours.split(": ")[1].split(" detected")[0]) > 0
+    difference = lines[lines.index(theirs) + 1]
+    assert "precision 0 [0, 0], recall 0 [0, 0]" in difference
+    missing = subprocess.run(command + ["--candidate", str(tmp_path)], capture_output=True, text=True, cwd=REPO)
+    assert missing.returncode == 2 and f"--candidate {tmp_path}: no config.json there" in missing.stderr
