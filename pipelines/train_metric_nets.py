@@ -228,12 +228,14 @@ def head_accuracy(model: DomainTrainer, images: torch.Tensor, labels: torch.Tens
 
 
 def optimise(name: str, module: torch.nn.Module, batch_loss, args) -> dict:
-    """AdamW on a one-cycle schedule until ``--steps`` or ``--max-minutes``; ``batch_loss()`` draws a batch and
-    returns its loss. The steps done, minutes and final loss, for the provenance."""
+    """AdamW on a one-cycle schedule of ``--steps`` steps, until its end, ``--stop-after`` steps or ``--max-minutes``;
+    ``batch_loss()`` draws a batch and returns its loss. The steps done, minutes and final loss, for the provenance.
+    A run that stopped on its time budget is repeated on any machine by ``--stop-after`` its steps."""
     opt = torch.optim.AdamW(module.parameters(), lr=args.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.steps, pct_start=0.05)
     steps, start, losses = 0, time.perf_counter(), []
-    while steps < args.steps and time.perf_counter() - start < args.max_minutes * 60:
+    last = min(args.steps, args.stop_after or args.steps)
+    while steps < last and time.perf_counter() - start < args.max_minutes * 60:
         loss = batch_loss()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -341,6 +343,8 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=32, help="network input side (images are rendered at 64)")
     ap.add_argument("--steps", type=int, default=3000, help="most steps of each network")
     ap.add_argument("--max-minutes", type=float, default=7.0, help="time budget of each network's training")
+    ap.add_argument("--stop-after", type=int, default=None,
+                    help="stop after this many steps of the --steps schedule (what a time budget stopped elsewhere)")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--recon-weight", type=float, default=1.0, help="domain: weight of the reconstruction loss")
@@ -366,7 +370,7 @@ def main(argv=None) -> int:
             "data": {"cohort": "public (memcontrol.data.cohorts.SEEDS public_chest, public_brain)",
                      "training_patients_per_modality": args.patients, "training_indices": [0, args.patients],
                      "evaluation_indices": [args.patients, args.patients + args.eval_patients], "size": args.size},
-            "batch_size": args.batch_size, "lr": args.lr, **record,
+            "batch_size": args.batch_size, "lr": args.lr, "schedule_steps": args.steps, **record,
             "device_name": f"{platform.machine()} CPU, {torch.get_num_threads()} threads", "torch": torch.__version__,
         }
         if kind == "domain":

@@ -114,3 +114,16 @@ def test_the_generated_look_changes_the_share_of_views_it_is_given():
     # wider contrast than the shipped augmentation's 0.85-1.15: some views' spread about their mean at least 1.3x
     spread = looked[changed].flatten(1).std(1) / x[changed].flatten(1).std(1)
     assert float(spread.max()) > 1.3
+
+
+def test_a_run_stopped_early_on_its_schedule_repeats_bit_for_bit(tmp_path):
+    # What a time budget stopped on one machine, --stop-after repeats on another: the same steps of the same schedule.
+    module = load_script("pipelines/train_metric_nets.py")
+    tiny = ["--only", "copy_detector", "--patients", "12", "--eval-patients", "8", "--batch-size", "8", "--steps", "10"]
+    sums = []
+    for name, extra in (("a", ["--stop-after", "3"]), ("b", ["--stop-after", "3"]), ("full", [])):
+        assert module.main(tiny + extra + ["--out", str(tmp_path / name)]) == 0
+        provenance = json.loads((tmp_path / name / "copy_detector" / "provenance.json").read_text())
+        assert provenance["schedule_steps"] == 10 and provenance["steps"] == (10 if name == "full" else 3)
+        sums.append(hashlib.sha256((tmp_path / name / "copy_detector" / "model.safetensors").read_bytes()).digest())
+    assert sums[0] == sums[1] != sums[2]
