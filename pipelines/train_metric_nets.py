@@ -341,7 +341,7 @@ def main(argv=None) -> int:
     ap.add_argument("--patients", type=int, default=2000, help="public training patients per modality")
     ap.add_argument("--eval-patients", type=int, default=300, help="further public patients per modality, unseen")
     ap.add_argument("--size", type=int, default=32, help="network input side (images are rendered at 64)")
-    ap.add_argument("--steps", type=int, default=3000, help="most steps of each network")
+    ap.add_argument("--steps", type=int, default=3000, help="length of each network's one-cycle schedule")
     ap.add_argument("--max-minutes", type=float, default=7.0, help="time budget of each network's training")
     ap.add_argument("--stop-after", type=int, default=None,
                     help="stop after this many steps of the --steps schedule (what a time budget stopped elsewhere)")
