@@ -4,11 +4,15 @@ The environment is set at import time, before any test module imports torch, dif
 read their cache folders when first imported.
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 _SANDBOX = Path(tempfile.mkdtemp(prefix="memcontrol-tests-"))
+# Every pytest process (each xdist worker too) makes its own; gone when that process ends.
+atexit.register(shutil.rmtree, _SANDBOX, ignore_errors=True)
 for _var, _sub in {"HOME": "home", "TORCH_HOME": "torch", "HF_HOME": "hf", "MPLCONFIGDIR": "mpl",
                    "XDG_CACHE_HOME": "cache"}.items():
     (_SANDBOX / _sub).mkdir(parents=True, exist_ok=True)
