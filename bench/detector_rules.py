@@ -30,7 +30,8 @@ evaluated run of each study and over the studies, with Wilson 95% intervals.
    patients of the site (the set after the background), which it should call copies about that often. The
    configs' rule is scored against it beside the pixel truth, per study and pooled.
 6. **Another copy detector** (``--candidate DIR``, repeatable: a metric-net folder, e.g. one that
-   ``pipelines/train_metric_nets.py`` retrained). Each candidate and the configs' detector get their own tau at the
+   ``pipelines/train_metric_nets.py`` retrained; ``DIR,DIR,...`` an ensemble whose similarity is the mean of its
+   members' cosine similarities). Each candidate and the configs' detector get their own tau at the
    same false-positive rate on the same ``--calibration`` patients, then detect on the same samples; scored against
    both truths with Wilson 95% intervals, and against the configs' detector by paired bootstrap over the pooled samples
    (the difference in precision and recall; Bonferroni over the candidates; runs are not resampled as clusters).
@@ -51,6 +52,21 @@ sys.path.insert(0, str(REPO))
 BASE_ROW = "base model, not fine-tuned"  # the study row of the untuned model: the control of the pixel ranks
 NEAR_RANK = 40  # "close in pixels": among the nearest 1% of the 4,008 patients a sample is compared with
 PLANTED_GAP = 1000  # held-out patients left between calibration and background: bench/detector.py's planted set
+
+
+class Ensemble:
+    """Several embedders as one: each member's features L2-normalised, concatenated and scaled by 1/sqrt(members),
+    so that the cosine similarity of two images is the mean of the members' cosine similarities."""
+
+    def __init__(self, members: list):
+        self.members = members
+
+    def embed(self, images):
+        import torch
+        import torch.nn.functional as F
+
+        parts = [F.normalize(m.embed(images).float(), dim=1) for m in self.members]
+        return torch.cat(parts, 1) / len(parts) ** 0.5
 
 
 def normalized_scores(sims_private, sims_background, beta: float, k: int) -> np.ndarray:
@@ -180,13 +196,15 @@ def main(argv=None) -> int:
     ap.add_argument("--beta", type=float, default=1.0)
     ap.add_argument("--k", type=int, default=1)
     ap.add_argument("--fpr", type=float, default=0.01)
-    ap.add_argument("--candidate", type=Path, action="append", default=[],
-                    help="another copy detector (a metric-net folder) to compare with the configs' (repeatable)")
+    ap.add_argument("--candidate", action="append", default=[],
+                    help="another copy detector to compare with the configs': a metric-net folder, or folders joined "
+                         "by commas for an ensemble (repeatable)")
     args = ap.parse_args(argv)
-    for folder in args.candidate:
-        if not (folder / "config.json").is_file():
-            ap.error(f"--candidate {folder}: no config.json there (a metric-net folder holds config.json and "
-                     "model.safetensors)")
+    for candidate in args.candidate:
+        for folder in candidate.split(","):
+            if not (Path(folder) / "config.json").is_file():
+                ap.error(f"--candidate {folder}: no config.json there (a metric-net folder holds config.json and "
+                         "model.safetensors)")
 
     import torch
 
@@ -212,8 +230,9 @@ def main(argv=None) -> int:
     chance_from = background_from + args.background
     needed = max(1000 * args.tau_sets, chance_from + args.chance)
     near_pooled, chance_checked = [], False
-    candidates = {f"candidate {folder}": build_embedder({"type": "metric_net", "path": str(folder)})
-                  for folder in args.candidate}
+    candidates = {f"candidate {candidate}": Ensemble([build_embedder({"type": "metric_net", "path": folder})
+                                                      for folder in candidate.split(",")])
+                  for candidate in args.candidate}
     compared = {"copies": [], "pixel_copies": [], "named": [], "near_right": [], "pixel_right": []}
     for run, config in args.study:
         run = Path(run)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fixtures_scripts import load_script
 from fixtures_search import write_config
@@ -267,6 +268,25 @@ def test_the_detector_comparison_scores_both_truths_and_pairs_the_differences():
     assert (same["difference"]["recall"].low, same["difference"]["recall"].high) == (0, 0)
 
 
+def test_an_ensemble_of_detectors_scores_the_mean_of_their_cosine_similarities():
+    bench = load_script("bench/detector_rules.py")
+
+    class Linear:  # an embedder: a fixed random projection of the pixels
+        def __init__(self, seed):
+            self.w = torch.randn(12, 5, generator=torch.Generator().manual_seed(seed))
+
+        def embed(self, images):
+            return images.flatten(1) @ self.w
+
+    members = [Linear(0), Linear(1), Linear(2)]
+    a, b = torch.randn(4, 3, 2, 2), torch.randn(6, 3, 2, 2)
+    ensemble = bench.Ensemble(members)
+    similarity = ensemble.embed(a) @ ensemble.embed(b).T
+    expected = torch.stack([F.normalize(m.embed(a), dim=1) @ F.normalize(m.embed(b), dim=1).T for m in members]).mean(0)
+    assert torch.allclose(similarity, expected, atol=1e-6)
+    assert torch.allclose(ensemble.embed(a).norm(dim=1), torch.ones(4), atol=1e-6)
+
+
 def test_the_threshold_frontier_is_what_trying_every_threshold_finds():
     bench = load_script("bench/detector_rules.py")
     rng = np.random.default_rng(0)
@@ -322,14 +342,18 @@ def test_the_detector_rules_bench_scores_a_study(quick_run, tmp_path):
     # At a false-positive rate of 0.9 the tiny model's samples are detected too, so precision is a number.
     shipped = REPO / "data" / "metric_nets" / "copy_detector"
     assert load_config(config)["objectives"]["memorization"]["features"]["path"].endswith("metric_nets/copy_detector")
-    done = subprocess.run(command + ["--fpr", "0.9", "--candidate", str(shipped)], capture_output=True, text=True,
-                          cwd=REPO)
+    # An ensemble of it twice (the mean of two equal similarities) is the same detector again.
+    twice = f"{shipped},{shipped}"
+    done = subprocess.run(command + ["--fpr", "0.9", "--candidate", str(shipped), "--candidate", twice],
+                          capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     ours = next(line for line in lines if line.startswith("configs' detector: "))
-    theirs = next(line for line in lines if line.startswith(f"candidate {shipped}: "))
-    assert ours.split(": ", 1)[1] == theirs.split(": ", 1)[1] and int(ours.split(": ")[1].split(" detected")[0]) > 0
-    difference = lines[lines.index(theirs) + 1]
-    assert "precision 0 [0, 0], recall 0 [0, 0]" in difference
+    assert int(ours.split(": ")[1].split(" detected")[0]) > 0
+    for candidate in (shipped, twice):
+        theirs = next(line for line in lines if line.startswith(f"candidate {candidate}: "))
+        assert ours.split(": ", 1)[1] == theirs.split(": ", 1)[1]
+        difference = lines[lines.index(theirs) + 1]
+        assert "precision 0 [0, 0], recall 0 [0, 0]" in difference
     missing = subprocess.run(command + ["--candidate", str(tmp_path)], capture_output=True, text=True, cwd=REPO)
     assert missing.returncode == 2 and f"--candidate {tmp_path}: no config.json there" in missing.stderr
