@@ -270,13 +270,15 @@ def main(argv=None) -> int:
         tau = float(mem["tau"])
         print(f"\n{run}: config tau {tau:.4f}; normalized score's threshold {tau_n:.4f} (beta {args.beta:g}, "
               f"k {args.k}, {args.background} background patients)", flush=True)
-        detectors = {"configs' detector": (embedder, private_feats), **{
-            name: (e, e.embed(private).float()) for name, e in candidates.items()}}
-        taus = {name: calibrate_tau(patients(args.others, args.calibration, e), feats, args.fpr)[0]
-                for name, (e, feats) in detectors.items()}
-        if candidates:
+        if candidates:  # each detector: (embedder, private features, its tau on the same calibration patients)
+            detectors = {"configs' detector": (embedder, private_feats,
+                                               calibrate_tau(calibration, private_feats, args.fpr)[0])}
+            for name, e in candidates.items():
+                feats = e.embed(private).float()
+                detectors[name] = (e, feats, calibrate_tau(patients(args.others, args.calibration, e), feats,
+                                                           args.fpr)[0])
             print("tau of each detector at the same false-positive rate: "
-                  + ", ".join(f"{name} {t:.4f}" for name, t in taus.items()), flush=True)
+                  + ", ".join(f"{name} {d[2]:.4f}" for name, d in detectors.items()), flush=True)
         images = q.real_images(settings, args.others)
         scored = q.score_runs(run, None, settings, images)
         private_drawn, keys, others = images
@@ -299,7 +301,8 @@ def main(argv=None) -> int:
         for r, folder in q.evaluated_runs(run):
             truth, detected, _ = scored[r["folder"]]
             samples = q.run_samples(folder)
-            normalized, idx = scores(embedder.embed(samples).float())
+            sample_feats = embedder.embed(samples).float()
+            normalized, idx = scores(sample_feats)
             pixels = samples[:, :channels]
             ranks = patient_ranks(pixels, private_drawn, keys, others)
             if r["label"] == BASE_ROW:
@@ -311,10 +314,12 @@ def main(argv=None) -> int:
             if candidates:
                 within = near_sets(ranks, patient_keys, args.near)
                 named = []
-                for name, (e, feats) in detectors.items():
-                    sims, idx = nearest_neighbours(e.embed(samples).float(), feats, k=1)
-                    named.append([dataset.keys[i] if sim > taus[name] else None
-                                  for sim, i in zip(sims[:, 0].tolist(), idx[:, 0].tolist())])
+                for e, feats, tau_d in detectors.values():
+                    # not idx/sims: the normalized rule below still reads the configs' detector's nearest patients
+                    nearest_sims, nearest = nearest_neighbours(
+                        sample_feats if e is embedder else e.embed(samples).float(), feats, k=1)
+                    named.append([dataset.keys[i] if sim > tau_d else None
+                                  for sim, i in zip(nearest_sims[:, 0].tolist(), nearest[:, 0].tolist())])
                 compared["copies"] += [bool(w) for w in within]
                 compared["pixel_copies"] += [t is not None for t in truth]
                 compared["named"].append([[n is not None for n in d] for d in named])

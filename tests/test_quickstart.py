@@ -325,7 +325,8 @@ def test_the_detector_rules_bench_scores_a_study(quick_run, tmp_path):
     config = write_config(tmp_path / "median_tau.yaml", {"base": str(quick_run["config"]),
                                                          "objectives": {"memorization": {"tau": tau}}})
     command = [sys.executable, str(REPO / "bench" / "detector_rules.py"), "--others", "50", "--calibration", "100",
-               "--background", "50", "--chance", "20", "--tau-sets", "0", "--study", str(quick_run["out"]), str(config)]
+               "--background", "50", "--chance", "20", "--tau-sets", "0", "--fpr", "0.9", "--study", str(quick_run["out"]),
+               str(config)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr
     assert "normalized score's threshold" in done.stdout and "every threshold on the search-time" in done.stdout
@@ -338,16 +339,25 @@ def test_the_detector_rules_bench_scores_a_study(quick_run, tmp_path):
     near = next(line for line in done.stdout.splitlines() if "against the near-miss truth (k 5)" in line)
     assert int(near.split("truth (k 5): ")[1].split(" detected")[0]) == expected  # the same detections, judged again
 
+    normalized = [line for line in done.stdout.splitlines() if ", normalized rule: " in line]
+
     # The configs' own detector as a candidate: the same tau at the same patients, the same detections, no difference.
     # At a false-positive rate of 0.9 the tiny model's samples are detected too, so precision is a number.
     shipped = REPO / "data" / "metric_nets" / "copy_detector"
     assert load_config(config)["objectives"]["memorization"]["features"]["path"].endswith("metric_nets/copy_detector")
-    # An ensemble of it twice (the mean of two equal similarities) is the same detector again.
+    # An ensemble of it twice (the mean of two equal similarities) is the same detector again. A barely trained net
+    # names other patients: the other rules' figures must not move with it.
     twice = f"{shipped},{shipped}"
-    done = subprocess.run(command + ["--fpr", "0.9", "--candidate", str(shipped), "--candidate", twice],
+    untrained = tmp_path / "untrained"
+    assert load_script("pipelines/train_metric_nets.py").main(
+        ["--only", "copy_detector", "--patients", "12", "--eval-patients", "8", "--steps", "2", "--batch-size", "8",
+         "--out", str(untrained)]) == 0
+    done = subprocess.run(command + ["--candidate", str(shipped), "--candidate", twice,
+                                     "--candidate", str(untrained / "copy_detector")],
                           capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
+    assert [line for line in lines if ", normalized rule: " in line] == normalized
     ours = next(line for line in lines if line.startswith("configs' detector: "))
     assert int(ours.split(": ")[1].split(" detected")[0]) > 0
     for candidate in (shipped, twice):
