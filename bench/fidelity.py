@@ -18,8 +18,9 @@ that screens buy over random search at the same compute. On the bundled base mod
     workers'). Three screen measures are compared: the training images' denoising loss, negated (train fit: a
     candidate that fits its own training images more memorizes more) and the probe noise norm, each against the
     memorization objective (``--memorization-proxy`` says which one the promotion rule reads), and the held-out
-    denoising loss against the quality objective. From a study the same test is also read the way a difference is
-    judged everywhere else in memcontrol: candidates are sampled on the same prompts and noise seeds, so each pair's
+    denoising loss against the quality objective (with ``--quality-proxy sample_fd`` also the FD of
+    ``--quality-samples`` screen samples drawn with ``--screen-sample-steps`` steps). From a study the same test is
+    also read the way a difference is judged everywhere else in memcontrol: candidates are sampled on the same prompts and noise seeds, so each pair's
     difference has a paired bootstrap 95% interval (one resample matrix over sample positions for both runs); a pair
     is *separated* when that interval excludes 0 (far less strict than disjoint intervals, about p < 0.006). Printed:
     the largest sets of candidates every pair of which is separated (exhaustive search), with the Spearman over each
@@ -72,13 +73,29 @@ BASE_MODEL = ROOT / "data" / "base_model"
 HOSPITAL = ROOT / "data" / "hospital"
 # Each screen measure against the full-fidelity objective it stands for; --memorization-proxy says which of the two
 # memorization measures the promotion rule reads (both are recorded on every screen).
-MEASURES = (("screen_train_fit", "memorization"), ("screen_noise_norm", "memorization"), ("screen_quality", "quality"))
+# ``screen_quality`` is the held-out denoising loss whichever quality proxy the screens used (the name fidelity.json
+# files had before the sampled proxy existed); ``screen_sample_fd`` is there when screens ran with --quality-proxy
+# sample_fd, and analysed only then.
+MEASURES = (("screen_train_fit", "memorization"), ("screen_noise_norm", "memorization"), ("screen_quality", "quality"),
+            ("screen_sample_fd", "quality"))
 
 
 def screen_measures(metrics: dict) -> dict:
     return {"screen_train_fit": -metrics.get("screen_train_loss", math.nan),
             "screen_noise_norm": metrics.get("screen_noise_norm", math.nan),
-            "screen_quality": metrics.get("screen_quality", math.nan)}
+            "screen_quality": metrics.get("screen_heldout_loss", metrics.get("screen_quality", math.nan)),
+            "screen_sample_fd": metrics.get("screen_sample_fd", math.nan)}
+
+
+def measured(rows: list[dict]) -> list[tuple[str, str]]:
+    """The (screen measure, objective) pairs the screens of ``rows`` recorded."""
+    return [(cheap, full) for cheap, full in MEASURES if any(math.isfinite(r.get(cheap, math.nan)) for r in rows)]
+
+
+def fidelity_settings(args) -> dict:
+    return {"min_steps": args.min_steps, "eta": args.eta, "schedule": args.schedule,
+            "memorization_proxy": args.memorization_proxy, "quality_proxy": args.quality_proxy,
+            "quality_samples": args.quality_samples, "sample_steps": args.screen_sample_steps}
 
 
 def config(args, fidelity: bool, sampler: str, n_trials: int, seed: int, cache: Path) -> dict:
@@ -100,8 +117,7 @@ def config(args, fidelity: bool, sampler: str, n_trials: int, seed: int, cache: 
         "early_stop": {"enabled": True, "every": max(1, args.steps // 6), "probe_prompts": 4,
                        "max_ratio": args.max_ratio},
         "search": {"n_trials": n_trials, "sampler": sampler, "seed": seed,
-                   "fidelity": {"enabled": fidelity, "min_steps": args.min_steps, "eta": args.eta,
-                                "schedule": args.schedule, "memorization_proxy": args.memorization_proxy}},
+                   "fidelity": {"enabled": fidelity, **fidelity_settings(args)}},
         "baselines": {"enabled": False},
     }
 
@@ -216,7 +232,7 @@ def paired_analysis(run: Path, rows: list[dict], seed: int, resamples: int) -> d
     stats, n_samples = run_statistics(run, rows)
     result = {}
     pairs = len(rows) * (len(rows) - 1) // 2
-    for cheap, full in MEASURES:
+    for cheap, full in measured(rows):
         entry = {}
         for label, level in (("paired95", 0.95), ("bonferroni", 1 - 0.05 / max(pairs, 1))):
             separated = paired_separation(stats[full], n_samples[full], seed, resamples, level)
@@ -256,7 +272,9 @@ def ranking(args, out: Path) -> dict:
         rows.append(row)
         print(f"candidate {i}: lr {row['lr']:.2e}, {row['sites']} sites | screen {screen.status} "
               f"{row['screen_seconds']:.1f} s: train fit {row['screen_train_fit']:.5g}, noise norm "
-              f"{row['screen_noise_norm']:.4g}, held-out loss {row['screen_quality']:.5g} | full "
+              f"{row['screen_noise_norm']:.4g}, held-out loss {row['screen_quality']:.5g}"
+              + (f", sample FD {row['screen_sample_fd']:.4g}" if math.isfinite(row["screen_sample_fd"]) else "")
+              + " | full "
               f"{full.status} {row['full_seconds']:.1f} s: {row.get('memorization')}, {row.get('quality')}",
               flush=True)
     return summarize(rows, args.candidate_seed)
@@ -306,8 +324,8 @@ def ranking_from_run(args, out: Path) -> dict:
 
     cfg = load_config(args.config)
     search = cfg.setdefault("search", {})
-    search.update(sampler="tpe", fidelity={**search.get("fidelity", {}), "enabled": True, "min_steps": args.min_steps,
-                                          "schedule": args.schedule, "memorization_proxy": args.memorization_proxy})
+    fidelity = {k: v for k, v in fidelity_settings(args).items() if k != "eta"}
+    search.update(sampler="tpe", fidelity={**search.get("fidelity", {}), "enabled": True, **fidelity})
     found = study_candidates(Path(args.run))
     if args.screens:
         screens = earlier_screens(Path(args.screens), [full["folder"] for full, _ in found])
@@ -328,7 +346,9 @@ def ranking_from_run(args, out: Path) -> dict:
         rows.append(row)
         print(f"{row['label']}: {row['family']} {row['sites']} sites lr {row['lr']:.2e} | screen "
               f"{row['screen_seconds']:.1f} s: train fit {row['screen_train_fit']:.5g}, noise norm "
-              f"{row['screen_noise_norm']:.4g}, held-out loss {row['screen_quality']:.5g} | full "
+              f"{row['screen_noise_norm']:.4g}, held-out loss {row['screen_quality']:.5g}"
+              + (f", sample FD {row['screen_sample_fd']:.4g}" if math.isfinite(row["screen_sample_fd"]) else "")
+              + " | full "
               f"{row['full_seconds']:.0f} s: {row['memorization']:.3f}, {row['quality']:.1f}", flush=True)
     result = summarize(rows, args.candidate_seed)
     job = read_config(cfg)
@@ -348,7 +368,8 @@ def earlier_screens(path: Path, folders: list[str]) -> list[dict]:
     return [{"status": by_folder[f]["screen_status"], "seconds": by_folder[f]["screen_seconds"],
              "metrics": {"screen_train_loss": -by_folder[f]["screen_train_fit"],
                          "screen_noise_norm": by_folder[f]["screen_noise_norm"],
-                         "screen_quality": by_folder[f]["screen_quality"]}} for f in folders]
+                         "screen_heldout_loss": by_folder[f]["screen_quality"],
+                         "screen_sample_fd": by_folder[f].get("screen_sample_fd", math.nan)}} for f in folders]
 
 
 def summarize(rows: list[dict], seed: int) -> dict:
@@ -358,7 +379,7 @@ def summarize(rows: list[dict], seed: int) -> dict:
               "cost_ratio": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)},
               "screen_over_full": statistics.median(r["screen_seconds"] for r in rows)
               / statistics.median(r["full_seconds"] for r in rows)}
-    for cheap, full in MEASURES:
+    for cheap, full in measured(both):
         agreement = rank_agreement([r[cheap] for r in both], [r[full] for r in both], seed)
         apart, pairs, agree = separated_pairs(both, full, cheap)
         distinct = apart_set(both, full)
@@ -403,6 +424,11 @@ def main() -> None:
                         help="a screen's learning-rate schedule (search.fidelity.schedule)")
     parser.add_argument("--memorization-proxy", choices=("train_fit", "noise_norm"), default="train_fit",
                         help="the screen's memorization proxy (search.fidelity.memorization_proxy)")
+    parser.add_argument("--quality-proxy", choices=("heldout_loss", "sample_fd"), default="heldout_loss",
+                        help="the screen's quality proxy (search.fidelity.quality_proxy); the held-out loss is "
+                             "recorded with either")
+    parser.add_argument("--quality-samples", type=int, default=64, help="sample_fd: samples a screen draws")
+    parser.add_argument("--screen-sample-steps", type=int, default=10, help="sample_fd: their sampler steps")
     parser.add_argument("--eta", type=int, default=3)
     parser.add_argument("--prompts", type=int, default=16, help="memorization and quality samples of a full trial")
     parser.add_argument("--sample-steps", type=int, default=20)
@@ -449,7 +475,8 @@ def main() -> None:
             sys.exit(f"--screens {args.screens}: no such file")
         # The reused screens' own settings, so that what is printed and recorded describes them.
         earlier = json.loads(Path(args.screens).read_text()).get("args", {})
-        for key in ("min_steps", "schedule", "memorization_proxy", "threads", "workers"):
+        for key in ("min_steps", "schedule", "memorization_proxy", "quality_proxy", "quality_samples",
+                    "screen_sample_steps", "threads", "workers"):
             if key in earlier:
                 setattr(args, key, earlier[key])
     rank = ranking_from_run(args, out) if args.run else ranking(args, out)

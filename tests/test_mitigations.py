@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -211,6 +212,11 @@ def test_a_search_reports_the_mitigation_baselines_with_intervals(tmp_path, tiny
     folders = [row["folder"] for row in found]
     reused = bench.earlier_screens(tmp_path / "screens.json", folders)
     assert [r["metrics"]["screen_train_loss"] for r in reused] == [0.5] * len(found)
+    # Screens from before the sampled quality proxy: their quality measure is the held-out loss, nothing else.
+    measures = [bench.screen_measures(r["metrics"]) for r in reused]
+    assert measures[0]["screen_quality"] == 0.25 and math.isnan(measures[0]["screen_sample_fd"])
+    assert bench.measured(measures) == [("screen_train_fit", "memorization"), ("screen_noise_norm", "memorization"),
+                                        ("screen_quality", "quality")]
     with pytest.raises(SystemExit, match="not the same runs"):
         bench.earlier_screens(tmp_path / "screens.json", folders[:-1])
     # bench/interval_coverage.py --run recomputes the claim's paired quality comparisons from the kept features: its

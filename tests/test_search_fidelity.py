@@ -188,6 +188,40 @@ def test_a_compressed_screen_runs_the_whole_schedule_in_its_steps(tiny_pipe_dir,
     assert "schedule" not in before and "memorization_proxy" not in before
     assert sections(schedule="compressed")["schedule"] == "compressed"
     assert sections()["memorization_proxy"] == "train_fit"
+    # The sampled quality proxy's settings count only when it is the proxy.
+    assert not {"quality_proxy", "quality_samples", "sample_steps"} & set(sections(quality_samples=9))
+    assert sections(quality_proxy="sample_fd", quality_samples=9)["quality_samples"] == 9
+
+
+def test_the_sampled_quality_proxy_is_the_fd_of_the_screen_samples(tiny_pipe_dir, search_data, tmp_path):
+    from memcontrol.metrics.quality import frechet_distance
+    from memcontrol.sampling import generate_samples
+    from memcontrol.search.context import build_context
+    from memcontrol.search.space import Candidate
+    from memcontrol.search.trial import evaluate_candidate
+
+    assert fd.screen_prompts(list("abcdef"), 3) == (["a", "c", "e"], 1)
+    assert fd.screen_prompts(list("ab"), 5) == (["a", "b"], 3)
+    cfg = cheap_search_config(tiny_pipe_dir, search_data, sampling={"quality_prompts": 2, "seed": 3}, search={
+        "sampler": "tpe", "fidelity": {"enabled": True, "min_steps": 2, "quality_items": 2, "quality_draws": 2,
+                                       "quality_proxy": "sample_fd", "quality_samples": 5, "sample_steps": 2}})
+    settings = load_settings(cfg, tmp_path)
+    ctx = build_context(settings, "cpu", progress=False)
+    candidate = Candidate(sites=["mid_block.attentions.0"], granularity="block", family="lora",
+                          family_params={"rank": 2, "alpha": 2}, train={"lr": 1e-3})
+    out = evaluate_candidate(ctx, candidate, tmp_path / "screen", early_stop=False, keep_adapter=False, screen=True)
+    assert out.status == "screened", out.reason
+    m = out.metrics
+    assert m["screen_quality"] == m["screen_sample_fd"] and "FD of 5 samples" in out.reason
+    assert 0.0 < m["screen_heldout_loss"] < 10.0 and m["screen_heldout_loss"] != m["screen_quality"]
+    # The proxy is the FD of the first 5 samples of the 2 held-out prompts (3 each) at the study's seed, sampler
+    # and guidance, with 2 sampler steps, against the held-out images: here for the base model's UNet.
+    images = generate_samples(ctx.pipe, ctx.quality_prompts, n_per_prompt=3, steps=2, seed=3, guidance_scale=2.0,
+                              sampler=settings.sampling["sampler"])[:5]
+    refs = ctx.references
+    expected = frechet_distance(refs.quality_embedder.embed(images).float(), refs.heldout_features)
+    assert fd.sample_fd(ctx, ctx.pipe.unet) == pytest.approx(expected, rel=1e-6)
+    assert math.isfinite(expected) and expected > 0.0
 
 
 def _study(out):

@@ -256,7 +256,10 @@ class FidelitySection(Section):
     ``min_steps`` (``compressed``: warm-up scaled by ``min_steps / steps``; a cosine schedule ends its decay).
     ``memorization_proxy``: how a screen scores memorization: ``train_fit``, the denoising loss on the training
     images at fixed draws, negated (a candidate that fits its own training images more copies them more), or
-    ``noise_norm``, the probe prompts' text-conditional noise norm (what screens used before the option existed)."""
+    ``noise_norm``, the probe prompts' text-conditional noise norm (what screens used before the option existed).
+    ``quality_proxy``: how a screen scores quality: ``heldout_loss`` (above), or ``sample_fd``, the Fréchet distance
+    of ``quality_samples`` samples of the held-out reports, drawn with ``sample_steps`` sampler steps, to the held-out
+    images in the quality objective's features (what the full evaluation measures, with fewer samples and steps)."""
 
     enabled: bool = False
     schedule: Literal["truncated", "compressed"] = "truncated"
@@ -266,6 +269,9 @@ class FidelitySection(Section):
     bracket: Annotated[int, Field(ge=2)] | None = None
     quality_items: Positive = 16
     quality_draws: Positive = 4
+    quality_proxy: Literal["heldout_loss", "sample_fd"] = "heldout_loss"
+    quality_samples: Annotated[int, Field(ge=2)] = 64
+    sample_steps: Positive = 10
 
 
 class SearchSection(Section):

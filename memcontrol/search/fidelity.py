@@ -13,7 +13,12 @@ first *screened*: trained ``min_steps`` steps and scored by two proxies that nee
 - quality: the denoising loss on held-out images (``quality_items`` images at ``quality_draws`` fixed timestep and
   noise draws each, the same draws for every candidate): a model that drifts from the image domain or copies its
   training set predicts the noise of unseen images of that domain worse. It is paired across candidates and
-  deterministic, where an FD of a few samples would be noisy and would still need sampling.
+  deterministic. It cannot see what only samples show (README: multi-fidelity: along a ladder of learning rates the
+  held-out loss after the warm-up keeps falling where FD after the full run turns worse), so ``quality_proxy:
+  sample_fd`` instead samples ``quality_samples`` images of the held-out reports with ``sample_steps`` sampler steps
+  and takes their Fréchet distance to the held-out images in the quality objective's features: the full
+  evaluation's measure at a fraction of its sampling. Both are recorded when the sampled one is the proxy
+  (``screen_heldout_loss``, ``screen_sample_fd``).
 
 Successive halving then promotes, from each bracket of ``bracket`` screened candidates (default ``eta**2``), the best
 ``ceil(bracket / eta)``: by Pareto rank on the two proxies, then by crowding distance (which keeps the ends of the
@@ -171,6 +176,35 @@ def denoising_loss(unet, data: ScreenData) -> float:
     return total / len(data.noisy)
 
 
+def screen_prompts(prompts: list[str], count: int) -> tuple[list[str], int]:
+    """Prompts and samples per prompt for ``count`` screen samples of ``prompts``: spread over them when there are
+    enough, every prompt several times otherwise (the surplus of the last round is dropped by the caller)."""
+    from .context import spread
+
+    if count <= len(prompts):
+        return spread(prompts, count), 1
+    return list(prompts), math.ceil(count / len(prompts))
+
+
+def sample_fd(ctx, unet) -> float:
+    """FD between ``quality_samples`` samples of the held-out reports (``sample_steps`` steps, the study's sampler,
+    guidance and seed) and the held-out images, in the quality objective's features."""
+    from ..metrics.quality import frechet_from_stats, gaussian_stats
+    from ..sampling import generate_samples
+    from ..training import pipeline_with_unet
+
+    fid, s = ctx.settings.search["fidelity"], ctx.settings.sampling
+    count = int(fid["quality_samples"])
+    prompts, per_prompt = screen_prompts(ctx.quality_prompts, count)
+    images = generate_samples(pipeline_with_unet(ctx.pipe, unet), prompts, n_per_prompt=per_prompt,
+                              steps=int(fid["sample_steps"]), seed=int(s["seed"]),
+                              guidance_scale=s["guidance_scale"], sampler=s["sampler"])[:count]
+    refs = ctx.references
+    features = refs.quality_embedder.embed(images).float().cpu()
+    mu, sigma = refs.heldout_stats or gaussian_stats(refs.heldout_features)
+    return frechet_from_stats(*gaussian_stats(features), mu, sigma)
+
+
 def screen_scores(ctx, unet, out: Outcome) -> Outcome:
     """The screen's proxies for a UNet trained at the short budget, into ``out`` (status ``screened``)."""
     from .objectives import probe_signal
@@ -180,21 +214,25 @@ def screen_scores(ctx, unet, out: Outcome) -> Outcome:
         ctx.screen_data = {"heldout": build_screen_data(ctx, ctx.heldout_set),
                            "train": build_screen_data(ctx, ctx.train_set)}
     unet.eval()
+    fid = ctx.settings.search["fidelity"]
     noise_norm = probe_signal(ctx.settings, unet, ctx.pipe.scheduler, ctx.probe)
-    quality = denoising_loss(unet, ctx.screen_data["heldout"])
+    heldout_loss = denoising_loss(unet, ctx.screen_data["heldout"])
     train_loss = denoising_loss(unet, ctx.screen_data["train"])
-    # Both memorization measures are kept, the configured one is the proxy the promotion rule reads.
+    # Every measure is kept; the configured ones are the proxies the promotion rule reads.
     by_proxy = {"train_fit": (-train_loss, "training-image fit"), "noise_norm": (noise_norm, "probe noise norm")}
-    memorization, name = by_proxy[ctx.settings.search["fidelity"]["memorization_proxy"]]
+    memorization, name = by_proxy[fid["memorization_proxy"]]
+    out.metrics.update(screen_train_loss=train_loss, screen_noise_norm=noise_norm, screen_heldout_loss=heldout_loss)
+    quality, quality_name = heldout_loss, "held-out denoising loss"
+    if fid["quality_proxy"] == "sample_fd":
+        quality, quality_name = sample_fd(ctx, unet), f"FD of {fid['quality_samples']} samples"
+        out.metrics["screen_sample_fd"] = quality
     out.compute["screen_seconds"] = round(time.perf_counter() - t0, 3)
-    out.metrics.update(screen_memorization=memorization, screen_quality=quality, screen_train_loss=train_loss,
-                       screen_noise_norm=noise_norm)
+    out.metrics.update(screen_memorization=memorization, screen_quality=quality)
     if not (math.isfinite(memorization) and math.isfinite(quality)):
         out.status, out.reason = FAILED, f"screen proxies are not finite ({memorization}, {quality})"
         return out
     out.status = SCREENED
-    out.reason = (f"screened at {out.compute['steps']} steps: {name} {memorization:.4g}, held-out denoising loss "
-                  f"{quality:.4g}")
+    out.reason = f"screened at {out.compute['steps']} steps: {name} {memorization:.4g}, {quality_name} {quality:.4g}"
     return out
 
 

@@ -73,6 +73,10 @@ class SearchSettings:
             for key, before in (("schedule", "truncated"), ("memorization_proxy", "noise_norm")):
                 if fid.get(key) == before:
                     del fid[key]
+            if fid.get("quality_proxy") == "heldout_loss":
+                # The sampled proxy's settings count only when it is the proxy.
+                for key in ("quality_proxy", "quality_samples", "sample_steps"):
+                    fid.pop(key, None)
             sections["fidelity"] = fid
         return sections
 
