@@ -18,7 +18,8 @@ first *screened*: trained ``min_steps`` steps and scored by two proxies that nee
   sample_fd`` instead samples ``quality_samples`` images of the held-out reports with ``sample_steps`` sampler steps
   and takes their Fréchet distance to the held-out images in the quality objective's features: the full
   evaluation's measure at a fraction of its sampling. Both are recorded when the sampled one is the proxy
-  (``screen_heldout_loss``, ``screen_sample_fd``).
+  (``screen_heldout_loss``, ``screen_sample_fd``). On a fresh wide ladder it ranked no better than the held-out loss
+  after 100 or 200 steps: candidates at high learning rates sample best early and collapse late (README).
 
 Successive halving then promotes, from each bracket of ``bracket`` screened candidates (default ``eta**2``), the best
 ``ceil(bracket / eta)``: by Pareto rank on the two proxies, then by crowding distance (which keeps the ends of the
