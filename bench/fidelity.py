@@ -20,12 +20,13 @@ that screens buy over random search at the same compute. On the bundled base mod
     memorization objective (``--memorization-proxy`` says which one the promotion rule reads), and the held-out
     denoising loss against the quality objective (with ``--quality-proxy sample_fd`` also the FD of
     ``--quality-samples`` screen samples drawn with ``--screen-sample-steps`` steps). From a study the same test is
-    also read the way a difference is judged everywhere else in memcontrol: candidates are sampled on the same prompts and noise seeds, so each pair's
-    difference has a paired bootstrap 95% interval (one resample matrix over sample positions for both runs); a pair
-    is *separated* when that interval excludes 0 (far less strict than disjoint intervals, about p < 0.006). Printed:
-    the largest sets of candidates every pair of which is separated (exhaustive search), with the Spearman over each
-    (the lowest decides), and the same at a Bonferroni level over all pairs. ``--screens FILE`` reuses the screens of
-    an earlier ``--run`` output (its ``fidelity.json``) on the same study instead of screening again.
+    also read the way a difference is judged everywhere else in memcontrol: candidates are sampled on the same
+    prompts and noise seeds, so each pair's difference has a paired bootstrap 95% interval (one resample matrix over
+    sample positions for both runs); a pair is *separated* when that interval excludes 0 (far less strict than
+    disjoint intervals, about p < 0.006). Printed: the largest sets of candidates every pair of which is separated
+    (exhaustive search), with the Spearman over each (the lowest decides), and the same at a Bonferroni level over
+    all pairs. ``--screens FILE`` reuses the screens of an earlier ``--run`` output (its ``fidelity.json``) on the
+    same study instead of screening again.
 (b) Search. For each of ``--seeds``: a TPE search with multi-fidelity and a random search at full fidelity, at the
     same compute: the random search gets ``--random-trials`` candidates, the multi-fidelity one
     ``N = random_trials / (c + 1/eta)`` with ``c`` the screen / full cost measured in (a), so that screens plus
