@@ -15,6 +15,9 @@ Reads instead ``bench/fidelity.py --run`` outputs of one config at different tra
 intervals printed there (which cover the sampling of one trained model) stand for training noise too: for each
 objective, Spearman between the studies' full-fidelity values of the candidates they share, and of the candidate
 pairs whose paired 95% interval separated them in both studies, how many the two studies order the opposite way.
+Also the ranking target's ceiling: over each largest set of candidates one study separates pairwise, the Spearman
+of the other study's values (a screen that is the full evaluation itself, trained with another seed; the lowest
+over the sets is what the target reads).
 """
 
 from __future__ import annotations
@@ -59,14 +62,26 @@ def shared_rows(claims: list[dict]) -> list[tuple[str, list[dict]]]:
     return [(name, [t[name] for t in tables]) for name in tables[0] if all(name in t for t in tables)]
 
 
+def ceiling(values: list[dict], sets: list[list[str]], other: dict) -> list[float]:
+    """Spearman of ``other``'s values against ``values`` over each set of labels (sorted, lowest first)."""
+    return sorted(float(spearmanr([values[x] for x in c], [other[x] for x in c]).statistic) for c in sets
+                  if all(x in other for x in c))
+
+
 def training_noise(reports: list[dict], names: list[str]) -> dict:
-    """Per objective and pair of studies: Spearman over the shared candidates, and the pairs separated in both
-    studies (paired 95%) that they order alike and the opposite way."""
+    """Per objective and pair of studies: Spearman over the shared candidates, the pairs separated in both studies
+    (paired 95%) that they order alike and the opposite way, and each study's largest separated sets ranked by the
+    other study's values (``ceiling``: ``names[a]``'s sets first)."""
     out = {}
     for key in ("screen_train_fit~memorization", "screen_quality~quality"):
         objective = key.split("~")[1]
         values = [{r["label"]: r[objective] for r in rep["ranking"]["rows"]} for rep in reports]
-        separated = [[tuple(p) for p in rep["ranking"]["paired"][key]["paired95"]["separated"]] for rep in reports]
+        paired = [rep["ranking"]["paired"][key]["paired95"] for rep in reports]
+        separated = [[tuple(p) for p in pr["separated"]] for pr in paired]
+        by_number = [{r["candidate"]: r["label"] for r in rep["ranking"]["rows"] if "candidate" in r}
+                     for rep in reports]
+        sets = [[[by_number[i][c] for c in group] for group in pr.get("largest_sets", [])]
+                for i, pr in enumerate(paired)]
         for a, b in itertools.combinations(range(len(reports)), 2):
             shared = [label for label in values[a] if label in values[b]]
             rho = float(spearmanr([values[a][x] for x in shared], [values[b][x] for x in shared]).statistic)
@@ -76,7 +91,8 @@ def training_noise(reports: list[dict], names: list[str]) -> dict:
                          if (values[a][p[0]] - values[a][p[1]]) * (values[b][p[0]] - values[b][p[1]]) < 0]
             out[f"{objective}: {names[a]} vs {names[b]}"] = {
                 "candidates": len(shared), "spearman": rho, "separated_in_both": len(both),
-                "opposite_order": len(reversed_), "opposite_pairs": reversed_}
+                "opposite_order": len(reversed_), "opposite_pairs": reversed_,
+                "ceiling": [ceiling(values[a], sets[a], values[b]), ceiling(values[b], sets[b], values[a])]}
     return out
 
 
@@ -95,6 +111,11 @@ def main(argv=None) -> int:
             print(f"{what}: Spearman {r['spearman']:.2f} over {r['candidates']} candidates; of "
                   f"{r['separated_in_both']} pairs separated in both, {r['opposite_order']} in the opposite order"
                   + (f" ({'; '.join(' / '.join(p) for p in r['opposite_pairs'])})" if r["opposite_pairs"] else ""))
+            for whose, other, rhos in zip(what.split(": ", 1)[1].split(" vs "), ("second", "first"), r["ceiling"]):
+                if rhos:
+                    print(f"  over the {len(rhos)} largest separated set(s) of {whose}, the {other} study's values "
+                          f"rank at Spearman {rhos[0]:.2f} to {rhos[-1]:.2f} ({sum(x >= 0.8 - 1e-9 for x in rhos)} reach "
+                          "0.8)")
         return 0
     claims = [load_claim(run) for run in args.runs]
     names = [str(run) for run in args.runs]

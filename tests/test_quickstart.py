@@ -137,8 +137,9 @@ def test_the_seeds_benchmark_counts_separated_pairs_two_trainings_order_apart():
     bench = load_script("bench/seeds.py")
 
     def report(mem, qual, separated):
-        rows = [{"label": x, "memorization": m, "quality": q} for x, m, q in zip("abc", mem, qual)]
-        paired = {key: {"paired95": {"separated": separated}}
+        rows = [{"candidate": i, "label": x, "memorization": m, "quality": q}
+                for i, (x, m, q) in enumerate(zip("abc", mem, qual))]
+        paired = {key: {"paired95": {"separated": separated, "largest_sets": [[0, 1, 2]]}}
                   for key in ("screen_train_fit~memorization", "screen_quality~quality")}
         return {"ranking": {"rows": rows, "paired": paired}}
 
@@ -151,6 +152,9 @@ def test_the_seeds_benchmark_counts_separated_pairs_two_trainings_order_apart():
     quality = noise["quality: s0 vs s1"]
     assert quality["spearman"] == pytest.approx(0.5) and quality["separated_in_both"] == 2
     assert quality["opposite_pairs"] == [("b", "c")]
+    # The target's ceiling: each study's sets ranked by the other's values (here one set, all three candidates).
+    assert quality["ceiling"] == [[pytest.approx(0.5)], [pytest.approx(0.5)]]
+    assert noise["memorization: s0 vs s1"]["ceiling"] == [[pytest.approx(1.0)], [pytest.approx(1.0)]]
 
 
 def test_the_affine_residual_forgives_exposure_and_nothing_else():
