@@ -273,19 +273,27 @@ def write_claim(settings, results) -> str | None:
     from .objectives import quality_name
 
     out = Path(settings.out_dir)
-    for stale in ("claim.md", "claim.json"):  # never show the claim of an earlier state of the study
-        (out / stale).unlink(missing_ok=True)
+    claim = None
     reference = load_reference(out)
-    if reference is None or results.base is None:
-        return None
-    try:
-        claim = compute(results, settings, reference)
-    except ValueError as err:  # runs of another sample count: a study resumed from an older version
-        logging.getLogger(__name__).warning("no claim: %s", err)
-        return None
-    if claim.full is None or claim.base is None:
+    if reference is not None and results.base is not None:
+        try:
+            claim = compute(results, settings, reference)
+        except ValueError as err:  # runs of another sample count: a study resumed from an older version
+            logging.getLogger(__name__).warning("no claim: %s", err)
+    if claim is None or claim.full is None or claim.base is None:
+        for stale in ("claim.md", "claim.json"):  # never show the claim of an earlier state of the study
+            (out / stale).unlink(missing_ok=True)
         return None
     text = claim.to_markdown(quality_name(settings))
-    (out / "claim.md").write_text(text + "\n", encoding="utf-8")
-    (out / "claim.json").write_text(json.dumps(claim.to_dict(), indent=1) + "\n", encoding="utf-8")
+    # Replaced whole, never truncated first: a second machine finishing the same folder may be reading them.
+    _replace_text(out / "claim.md", text + "\n")
+    _replace_text(out / "claim.json", json.dumps(claim.to_dict(), indent=1) + "\n")
     return text
+
+
+def _replace_text(path: Path, text: str) -> None:
+    import os
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
