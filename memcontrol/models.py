@@ -164,7 +164,8 @@ def sd15_unet_meta():
 def tiny_pipeline(seed: int = 0, words: list[str] | None = None, tokenizer_dir: str | Path | None = None,
                   resolution: int = 64):
     """A tiny Stable Diffusion pipeline with random weights (seeded). Its tokenizer is written to
-    ``tokenizer_dir`` (a temporary folder when not given) and loaded from there."""
+    ``tokenizer_dir`` and loaded from there; without one, through a temporary folder removed once it is loaded (the
+    tokenizer keeps its vocabulary in memory)."""
     import tempfile
 
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -172,9 +173,10 @@ def tiny_pipeline(seed: int = 0, words: list[str] | None = None, tokenizer_dir: 
 
     from .tokenizer import write_tokenizer
 
-    tok_dir = Path(tokenizer_dir) if tokenizer_dir else Path(tempfile.mkdtemp(prefix="memcontrol-tok-"))
-    write_tokenizer(tok_dir, words)
-    tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
+    with tempfile.TemporaryDirectory(prefix="memcontrol-tok-") as tmp:
+        tok_dir = Path(tokenizer_dir) if tokenizer_dir else Path(tmp)
+        write_tokenizer(tok_dir, words)
+        tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
     torch.manual_seed(seed)
     vae = AutoencoderKL(**dict(TINY_VAE_CONFIG, sample_size=resolution))
     text_cfg = CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,

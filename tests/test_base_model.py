@@ -1,6 +1,7 @@
 """The shipped base model (data/base_model): checksums, loading like any diffusers folder, finite samples."""
 
 import hashlib
+from pathlib import Path
 
 import torch
 
@@ -39,11 +40,16 @@ def test_pretrain_pipeline_runs_on_cpu_and_continues_from_its_own_output(tmp_pat
     """The pipeline that made the shipped base, scaled down: a fresh pretraining, then ``--init`` on its output."""
     import json
 
+    import tempfile
+
     main = load_script("pipelines/pretrain_base.py").main
 
     first, second = tmp_path / "first", tmp_path / "second"
+    leftovers = set(Path(tempfile.gettempdir()).glob("memcontrol-tok-*"))
     assert main(["--out", str(first), "--patients", "4", "--vae-steps", "2", "--unet-steps", "2",
                  "--batch-size", "4"]) == 0
+    # The fresh model's tokenizer passed through a temporary folder: nothing of it is left behind.
+    assert set(Path(tempfile.gettempdir()).glob("memcontrol-tok-*")) == leftovers
     assert main(["--init", str(first), "--out", str(second), "--patients", "4", "--unet-steps", "3",
                  "--batch-size", "4", "--seed", "1"]) == 0
     vae = "vae/diffusion_pytorch_model.safetensors"
