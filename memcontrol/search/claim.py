@@ -270,6 +270,7 @@ def write_claim(settings, results) -> str | None:
     features)."""
     import logging
 
+    from ..report import write_atomically
     from .objectives import quality_name
 
     out = Path(settings.out_dir)
@@ -286,14 +287,6 @@ def write_claim(settings, results) -> str | None:
         return None
     text = claim.to_markdown(quality_name(settings))
     # Replaced whole, never truncated first: a second machine finishing the same folder may be reading them.
-    _replace_text(out / "claim.md", text + "\n")
-    _replace_text(out / "claim.json", json.dumps(claim.to_dict(), indent=1) + "\n")
+    write_atomically(out / "claim.md", (text + "\n").encode("utf-8"))
+    write_atomically(out / "claim.json", (json.dumps(claim.to_dict(), indent=1) + "\n").encode("utf-8"))
     return text
-
-
-def _replace_text(path: Path, text: str) -> None:
-    import os
-
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
