@@ -84,7 +84,7 @@ MEASURES = (("screen_train_fit", "memorization"), ("screen_noise_norm", "memoriz
 def screen_measures(metrics: dict) -> dict:
     return {"screen_train_fit": -metrics.get("screen_train_loss", math.nan),
             "screen_noise_norm": metrics.get("screen_noise_norm", math.nan),
-            "screen_quality": metrics.get("screen_heldout_loss", metrics.get("screen_quality", math.nan)),
+            "screen_quality": metrics.get("screen_heldout_loss", math.nan),
             "screen_sample_fd": metrics.get("screen_sample_fd", math.nan)}
 
 
@@ -94,7 +94,8 @@ def measured(rows: list[dict]) -> list[tuple[str, str]]:
 
 
 def fidelity_settings(args) -> dict:
-    return {"min_steps": args.min_steps, "eta": args.eta, "schedule": args.schedule,
+    """The screen's settings from the command line (the promotion rule's ``eta`` is not one of them)."""
+    return {"min_steps": args.min_steps, "schedule": args.schedule,
             "memorization_proxy": args.memorization_proxy, "quality_proxy": args.quality_proxy,
             "quality_samples": args.quality_samples, "sample_steps": args.screen_sample_steps}
 
@@ -118,7 +119,7 @@ def config(args, fidelity: bool, sampler: str, n_trials: int, seed: int, cache: 
         "early_stop": {"enabled": True, "every": max(1, args.steps // 6), "probe_prompts": 4,
                        "max_ratio": args.max_ratio},
         "search": {"n_trials": n_trials, "sampler": sampler, "seed": seed,
-                   "fidelity": {"enabled": fidelity, **fidelity_settings(args)}},
+                   "fidelity": {"enabled": fidelity, "eta": args.eta, **fidelity_settings(args)}},
         "baselines": {"enabled": False},
     }
 
@@ -325,8 +326,7 @@ def ranking_from_run(args, out: Path) -> dict:
 
     cfg = load_config(args.config)
     search = cfg.setdefault("search", {})
-    fidelity = {k: v for k, v in fidelity_settings(args).items() if k != "eta"}
-    search.update(sampler="tpe", fidelity={**search.get("fidelity", {}), "enabled": True, **fidelity})
+    search.update(sampler="tpe", fidelity={**search.get("fidelity", {}), "enabled": True, **fidelity_settings(args)})
     found = study_candidates(Path(args.run))
     if args.screens:
         screens = earlier_screens(Path(args.screens), [full["folder"] for full, _ in found])

@@ -78,10 +78,8 @@ def training_noise(reports: list[dict], names: list[str]) -> dict:
         values = [{r["label"]: r[objective] for r in rep["ranking"]["rows"]} for rep in reports]
         paired = [rep["ranking"]["paired"][key]["paired95"] for rep in reports]
         separated = [[tuple(p) for p in pr["separated"]] for pr in paired]
-        by_number = [{r["candidate"]: r["label"] for r in rep["ranking"]["rows"] if "candidate" in r}
-                     for rep in reports]
-        sets = [[[by_number[i][c] for c in group] for group in pr.get("largest_sets", [])]
-                for i, pr in enumerate(paired)]
+        by_number = [{r["candidate"]: r["label"] for r in rep["ranking"]["rows"]} for rep in reports]
+        sets = [[[by_number[i][c] for c in group] for group in pr["largest_sets"]] for i, pr in enumerate(paired)]
         for a, b in itertools.combinations(range(len(reports)), 2):
             shared = [label for label in values[a] if label in values[b]]
             rho = float(spearmanr([values[a][x] for x in shared], [values[b][x] for x in shared]).statistic)
@@ -90,8 +88,8 @@ def training_noise(reports: list[dict], names: list[str]) -> dict:
             reversed_ = [p for p in both
                          if (values[a][p[0]] - values[a][p[1]]) * (values[b][p[0]] - values[b][p[1]]) < 0]
             out[f"{objective}: {names[a]} vs {names[b]}"] = {
-                "candidates": len(shared), "spearman": rho, "separated_in_both": len(both),
-                "opposite_order": len(reversed_), "opposite_pairs": reversed_,
+                "studies": (names[a], names[b]), "candidates": len(shared), "spearman": rho,
+                "separated_in_both": len(both), "opposite_order": len(reversed_), "opposite_pairs": reversed_,
                 "ceiling": [ceiling(values[a], sets[a], values[b]), ceiling(values[b], sets[b], values[a])]}
     return out
 
@@ -111,11 +109,11 @@ def main(argv=None) -> int:
             print(f"{what}: Spearman {r['spearman']:.2f} over {r['candidates']} candidates; of "
                   f"{r['separated_in_both']} pairs separated in both, {r['opposite_order']} in the opposite order"
                   + (f" ({'; '.join(' / '.join(p) for p in r['opposite_pairs'])})" if r["opposite_pairs"] else ""))
-            for whose, other, rhos in zip(what.split(": ", 1)[1].split(" vs "), ("second", "first"), r["ceiling"]):
+            for whose, other, rhos in zip(r["studies"], ("second", "first"), r["ceiling"]):
                 if rhos:
+                    reach = sum(x >= 0.8 - 1e-9 for x in rhos)  # 0.8 computed as 0.7999... still counts
                     print(f"  over the {len(rhos)} largest separated set(s) of {whose}, the {other} study's values "
-                          f"rank at Spearman {rhos[0]:.2f} to {rhos[-1]:.2f} ({sum(x >= 0.8 - 1e-9 for x in rhos)} reach "
-                          "0.8)")
+                          f"rank at Spearman {rhos[0]:.2f} to {rhos[-1]:.2f} ({reach} reach 0.8)")
         return 0
     claims = [load_claim(run) for run in args.runs]
     names = [str(run) for run in args.runs]

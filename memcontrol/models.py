@@ -166,6 +166,7 @@ def tiny_pipeline(seed: int = 0, words: list[str] | None = None, tokenizer_dir: 
     """A tiny Stable Diffusion pipeline with random weights (seeded). Its tokenizer is written to
     ``tokenizer_dir`` and loaded from there; without one, through a temporary folder removed once it is loaded (the
     tokenizer keeps its vocabulary in memory)."""
+    import contextlib
     import tempfile
 
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -173,9 +174,10 @@ def tiny_pipeline(seed: int = 0, words: list[str] | None = None, tokenizer_dir: 
 
     from .tokenizer import write_tokenizer
 
-    with tempfile.TemporaryDirectory(prefix="memcontrol-tok-") as tmp:
-        tok_dir = Path(tokenizer_dir) if tokenizer_dir else Path(tmp)
-        write_tokenizer(tok_dir, words)
+    folder = (contextlib.nullcontext(tokenizer_dir) if tokenizer_dir
+              else tempfile.TemporaryDirectory(prefix="memcontrol-tok-"))
+    with folder as tok_dir:
+        write_tokenizer(Path(tok_dir), words)
         tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
     torch.manual_seed(seed)
     vae = AutoencoderKL(**dict(TINY_VAE_CONFIG, sample_size=resolution))

@@ -39,7 +39,6 @@ def _sha(path):
 def test_pretrain_pipeline_runs_on_cpu_and_continues_from_its_own_output(tmp_path):
     """The pipeline that made the shipped base, scaled down: a fresh pretraining, then ``--init`` on its output."""
     import json
-
     import tempfile
 
     main = load_script("pipelines/pretrain_base.py").main
