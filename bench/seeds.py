@@ -7,7 +7,10 @@ studies share (the base model, the baselines, the mitigations, the re-evaluated 
 rate and quality in each study and whether the studies' 95% intervals overlap; then the claim's checks (full
 fine-tuning's copy rate, the quality gain the chosen candidate recovers, the copy rate it cuts) and its verdicts
 against the other rows, study by study. The chosen candidate and its controls are whatever each study chose: their
-rows compare the procedure, not one mask.
+rows compare the procedure, not one mask. Last, each figure over the studies: its mean with Student's t 95% interval
+over them (each study one replicate of training and sampling, so the interval carries the training noise that a
+study's own intervals do not), and the chosen candidate minus every other row, study by study, then over the studies
+(the random masks as one row: each study's mean over its draws).
 
     python bench/seeds.py --rankings runs/paired_ladder/fidelity.json runs/paired_ladder_seed1/fidelity.json [...]
 
@@ -25,10 +28,18 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import sys
 from pathlib import Path
 
 from scipy.stats import spearmanr
+
+from memcontrol.metrics.intervals import replicate_interval
+
+RANDOM_MASKS = "control: random mask"
+RATE = (0.0, 1.0)
+FD = (0.0, math.inf)  # the claim's quality is a Fréchet distance
+RANGES = {"full fine-tuning's copy rate": RATE, "copy rate cut by the chosen candidate": (-math.inf, 1.0)}
 
 
 def load_claim(run: Path) -> dict:
@@ -60,6 +71,53 @@ def shared_rows(claims: list[dict]) -> list[tuple[str, list[dict]]]:
 
     tables = [{label(r, c): r for r in c["runs"]} for c in claims]
     return [(name, [t[name] for t in tables]) for name in tables[0] if all(name in t for t in tables)]
+
+
+def across(values: list[float], percent: bool = False, bounds: tuple[float, float] = (-math.inf, math.inf)) -> str:
+    """The mean over studies with its t interval, clipped to the figure's possible range (a rate lies in [0, 1]);
+    "same in every study" where they agree (a zero-width interval would read as certainty)."""
+    iv = replicate_interval(values)
+    if iv.low == iv.high:
+        return (f"{iv.value:.0%}" if percent else f"{iv.value:.3g}") + " (same in every study)"
+    return fmt({"value": iv.value, "low": max(iv.low, bounds[0]), "high": min(iv.high, bounds[1])}, percent)
+
+
+def over_studies(claims: list[dict]) -> dict:
+    """Per shared row, per check and per chosen-minus-row difference: the studies' point values (a key is left out
+    where a study lacks it)."""
+    def value(figure):
+        return None if figure is None else figure.get("value")
+
+    rows = {name: {"copy rate": [value(r["copy_rate"]) for r in rs], "quality": [value(r["quality"]) for r in rs]}
+            for name, rs in shared_rows(claims)}
+    checks = {}
+    for c in claims[0]["checks"]:
+        figures = [next((x["figure"] for x in claim["checks"] if x["what"] == c["what"]), None) for claim in claims]
+        checks[c["what"]] = [value(f) for f in figures]
+    differences = {}
+    for name in [n for n in rows if n != "chosen candidate" and not n.startswith(RANDOM_MASKS)]:
+        differences[name] = {k: [a - b for a, b in zip(rows["chosen candidate"][k], v)] for k, v in rows[name].items()}
+    masks = [n for n in rows if n.startswith(RANDOM_MASKS)]
+    if masks and "chosen candidate" in rows:
+        differences[f"{RANDOM_MASKS}s (each study's mean over its {len(masks)})"] = {
+            k: [c - sum(rows[m][k][i] for m in masks) / len(masks) for i, c in enumerate(rows["chosen candidate"][k])]
+            for k in ("copy rate", "quality")}
+    def complete(d):
+        return {k: v for k, v in d.items() if v and all(x is not None for x in v)}
+
+    return {"rows": {n: complete(d) for n, d in rows.items()}, "checks": complete(checks),
+            "differences": {n: complete(d) for n, d in differences.items()}}
+
+
+def verdict(values: list[float]) -> str:
+    """For the chosen candidate, of chosen-minus-row differences over the studies (lower is better on both
+    objectives); the claim's rule: it beats a row when better on one and not worse on the other."""
+    iv = replicate_interval(values)
+    if len(values) >= 2 and iv.low == iv.high != 0:
+        return "not judged"  # the same difference in every study: no spread to judge it by
+    if len(values) < 2 or not iv.excludes(0.0):
+        return "no different"
+    return "better" if iv.high < 0 else "worse"
 
 
 def ceiling(values: list[dict], sets: list[list[str]], other: dict) -> list[float]:
@@ -133,6 +191,29 @@ def main(argv=None) -> int:
         beats = [c["label"] for c in claim["comparisons"] if c["beats"]]
         print(f"{name}: chosen {claim['chosen']}; {checks}")
         print(f"  beats {len(beats)} of {len(claim['comparisons'])} rows: {', '.join(beats) or 'none'}")
+    if len(claims) < 2:
+        return 0
+    summary = over_studies(claims)
+    print(f"\nOver the {len(claims)} studies: mean, Student's t 95% interval (training seeds and sampling)")
+    print("| row | copy rate | quality |\n|---|---|---|")
+    for name, figures in summary["rows"].items():
+        rate = across(figures["copy rate"], percent=True, bounds=RATE) if "copy rate" in figures else "-"
+        quality = across(figures["quality"], bounds=FD) if "quality" in figures else "-"
+        print(f"| {name} | {rate} | {quality} |")
+    for what, values in summary["checks"].items():
+        print(f"{what}: {across(values, percent=True, bounds=RANGES.get(what, (-math.inf, math.inf)))}")
+    if summary["differences"]:
+        print("\nchosen minus row, over the studies (negative: the chosen copies less / is closer to the held-out "
+              "site; a verdict for the chosen candidate)")
+        print("| row | copy rate (points) | quality | beaten |\n|---|---|---|---|")
+        for name, diffs in summary["differences"].items():
+            if set(diffs) != {"copy rate", "quality"}:
+                continue
+            points = [100 * x for x in diffs["copy rate"]]
+            verdicts = {verdict(points), verdict(diffs["quality"])}
+            beaten = "yes" if "better" in verdicts and not verdicts & {"worse", "not judged"} else "no"
+            print(f"| {name} | {across(points)}: {verdict(points)} | {across(diffs['quality'])}: "
+                  f"{verdict(diffs['quality'])} | {beaten} |")
     return 0
 
 

@@ -9,7 +9,7 @@ from scipy.stats import norm
 
 from fixtures_scripts import load_script
 from memcontrol.metrics.intervals import (bootstrap_indices, interval, paired, rate_difference, rate_ratio_cut,
-                                          resampled_frechet, resampled_mean,
+                                          replicate_interval, resampled_frechet, resampled_mean,
                                           resampled_mmd2, wilson)
 from memcontrol.metrics.quality import frechet_distance, frechet_from_stats, gaussian_stats
 
@@ -163,3 +163,18 @@ def test_interval_coverage_bench_shows_the_percentile_bias_the_readme_reports():
     rate = bench.single(16, 48, 2.0, reps=200, resamples=200)
     assert rate["basic"] >= 0.905 and rate["percentile"] < 0.5, rate
     assert rate["mean estimate"] > 2.0  # the estimate's own upward bias
+
+
+def test_replicate_interval_covers_the_true_mean_over_three_replicates():
+    # Three studies of one procedure, each figure the truth plus training and sampling noise: Student's t with 2
+    # degrees of freedom covers at the nominal rate; the normal quantile (z = 1.96) would cover about 81%.
+    rng = np.random.default_rng(4)
+    hits = [replicate_interval(rng.normal(100.0, 20.0, 3)) for _ in range(2000)]
+    rate = np.mean([iv.low <= 100.0 <= iv.high for iv in hits])
+    assert 0.93 <= rate <= 0.97, rate
+    one = replicate_interval([90.0, 73.0, 93.0])
+    assert one.value == pytest.approx(256 / 3) and one.high - one.value == pytest.approx(one.value - one.low)
+    assert math.isnan(replicate_interval([5.0]).low)
+    assert replicate_interval([0.0, 0.0, 0.0]) == replicate_interval([0.0, 0.0])  # all agree: zero width
+    with pytest.raises(ValueError, match="finite"):
+        replicate_interval([1.0, float("nan")])

@@ -124,12 +124,50 @@ def test_the_seeds_benchmark_sets_studies_side_by_side(quick_run, tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "bench" / "seeds.py"), str(quick_run["out"]),
                            str(tmp_path / "seed1")], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr
-    rows = {line.split(" | ")[0][2:]: line for line in done.stdout.splitlines() if line.startswith("| ")}
+    side_by_side, over = done.stdout.split("Over the 2 studies")
+    rows = {line.split(" | ")[0][2:]: line for line in side_by_side.splitlines() if line.startswith("| ")}
     assert set(rows) >= {"base model, not fine-tuned", "full fine-tuning"}
     assert len(rows) == len(claim["runs"]) + 1  # every row of the study, and the header
     assert rows["base model, not fine-tuned"].count("| yes |") == 2
     assert rows["full fine-tuning"].endswith("| no |")  # quality apart, copy rate the same
     assert done.stdout.count("quality gain recovered by the chosen candidate") == 2
+    # Then over the two studies: the base model agrees with itself; full fine-tuning's mean lies between the two.
+    base = next(line for line in over.splitlines() if line.startswith("| base model, not fine-tuned |"))
+    assert base.count("(same in every study)") == 2
+    mean = float(next(line for line in over.splitlines()
+                      if line.startswith("| full fine-tuning |")).split(" | ")[2].split(" [")[0])
+    original = next(r for r in claim["runs"] if r["label"] == "full fine-tuning")["quality"]["value"]
+    assert mean == pytest.approx(original + width, rel=1e-2)
+
+
+def test_the_seeds_benchmark_compares_the_chosen_candidate_over_training_seeds():
+    # Three hand-made studies: the chosen candidate copies less than full fine-tuning in each and is about as good;
+    # its two random masks are, on average, the same as it.
+    bench = load_script("bench/seeds.py")
+
+    def claim(chosen_fd, full_fd, masks_fd, full_copies):
+        def row(label, copies, fd):
+            return {"label": label, "copy_rate": {"value": copies}, "quality": {"value": fd}}
+
+        runs = [row("trial 3", 0.0, chosen_fd), row("full fine-tuning", full_copies, full_fd)]
+        runs += [row(f"control: random mask {k + 1}", 0.0, fd) for k, fd in enumerate(masks_fd)]
+        return {"chosen": "trial 3", "runs": runs,
+                "checks": [{"what": "copy rate cut by the chosen candidate", "figure": {"value": 1.0}}]}
+
+    claims = [claim(100, 90, (80, 120), 0.4), claim(110, 120, (150, 70), 0.3), claim(95, 100, (90, 100), 0.5)]
+    summary = bench.over_studies(claims)
+    assert summary["rows"]["chosen candidate"]["quality"] == [100, 110, 95]
+    assert summary["checks"] == {"copy rate cut by the chosen candidate": [1.0, 1.0, 1.0]}
+    full = summary["differences"]["full fine-tuning"]
+    assert full["copy rate"] == pytest.approx([-0.4, -0.3, -0.5]) and full["quality"] == [10, -10, -5]
+    assert bench.verdict([100 * x for x in full["copy rate"]]) == "better"
+    assert bench.verdict(full["quality"]) == "no different"
+    masks = summary["differences"]["control: random masks (each study's mean over its 2)"]
+    assert masks["quality"] == [0, 0, 0] and bench.verdict(masks["quality"]) == "no different"
+    assert bench.verdict([3.0, 4.0, 5.0]) == "worse"
+    assert bench.verdict([-9.4, -9.4, -9.4]) == "not judged" and bench.verdict([0.0, 0.0]) == "no different"
+    assert bench.across([0.2, 0.3, 0.4], percent=True, bounds=bench.RATE) == "30% [5%, 55%]"
+    assert bench.across([0.0, 0.05, 0.1], percent=True, bounds=bench.RATE).endswith("[0%, 17%]")  # clipped at 0
 
 
 def test_the_seeds_benchmark_counts_separated_pairs_two_trainings_order_apart():

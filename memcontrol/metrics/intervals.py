@@ -12,6 +12,9 @@
   over generated samples, as the figures compare runs against the same held-out set.
 * ``percentile_interval`` / ``interval``: the percentile interval of the resampled values beside the point value
   computed on all samples (the point value is never replaced by a bootstrap mean).
+* ``replicate_interval``: the mean of one figure measured by independent replicates of a whole procedure (studies
+  trained with other seeds), with Student's t interval over them: it carries the training noise that the intervals
+  above, which resample the samples of one trained model, do not. Few replicates give wide intervals, rightly.
 
 An ``Interval`` writes itself as ``{name: value, name_ci_low: low, name_ci_high: high}``, the column convention of
 trials.csv, pareto.csv, metrics.json and the benches.
@@ -23,7 +26,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import norm
+from scipy.stats import norm, t
 
 from .quality import psd_sqrt
 
@@ -93,6 +96,20 @@ def rate_ratio_cut(k_new: int, n_new: int, k_ref: int, n_ref: int, level: float 
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(1 - new / ref, [tail, 100 - tail])
     return Interval(1 - (k_new / n_new) / (k_ref / n_ref), float(low), float(high))
+
+
+def replicate_interval(values, level: float = LEVEL) -> Interval:
+    """Mean of ``values`` (one per independent replicate) with Student's t interval, n - 1 degrees of freedom. Not a
+    bootstrap: over 3 to 5 replicates a resample of them has too few distinct outcomes and is too narrow. NaN bounds
+    below two replicates; zero width when all replicates agree (the caller says so rather than print it as certain)."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 1 or not np.all(np.isfinite(values)):
+        raise ValueError(f"replicate values must be finite numbers, got {values.tolist()}")
+    mean = float(values.mean()) if len(values) else math.nan
+    if len(values) < 2:
+        return Interval(mean, math.nan, math.nan)
+    half = float(t.ppf(0.5 + level / 2, len(values) - 1)) * float(values.std(ddof=1)) / math.sqrt(len(values))
+    return Interval(mean, mean - half, mean + half)
 
 
 def bootstrap_indices(n: int, resamples: int = RESAMPLES, seed: int = 0, groups=None) -> np.ndarray:
