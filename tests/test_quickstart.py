@@ -367,8 +367,8 @@ def test_the_detector_rules_bench_scores_a_study(quick_run, tmp_path):
     config = write_config(tmp_path / "median_tau.yaml", {"base": str(quick_run["config"]),
                                                          "objectives": {"memorization": {"tau": tau}}})
     command = [sys.executable, str(REPO / "bench" / "detector_rules.py"), "--others", "50", "--calibration", "100",
-               "--background", "50", "--chance", "20", "--tau-sets", "0", "--fpr", "0.9", "--study", str(quick_run["out"]),
-               str(config)]
+               "--background", "50", "--chance", "20", "--tau-sets", "0", "--fpr", "0.9",
+               "--study", str(quick_run["out"]), str(config)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr
     assert "normalized score's threshold" in done.stdout and "every threshold on the search-time" in done.stdout
