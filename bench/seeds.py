@@ -83,30 +83,28 @@ def across(values: list[float], percent: bool = False, bounds: tuple[float, floa
 
 
 def over_studies(claims: list[dict]) -> dict:
-    """Per shared row, per check and per chosen-minus-row difference: the studies' point values (a key is left out
-    where a study lacks it)."""
+    """Per shared row, per check and per chosen-minus-row difference: the studies' point values (a figure is left
+    out where a study has no value for it)."""
     def value(figure):
         return None if figure is None else figure.get("value")
 
-    rows = {name: {"copy rate": [value(r["copy_rate"]) for r in rs], "quality": [value(r["quality"]) for r in rs]}
-            for name, rs in shared_rows(claims)}
-    checks = {}
-    for c in claims[0]["checks"]:
-        figures = [next((x["figure"] for x in claim["checks"] if x["what"] == c["what"]), None) for claim in claims]
-        checks[c["what"]] = [value(f) for f in figures]
-    differences = {}
-    for name in [n for n in rows if n != "chosen candidate" and not n.startswith(RANDOM_MASKS)]:
-        differences[name] = {k: [a - b for a, b in zip(rows["chosen candidate"][k], v)] for k, v in rows[name].items()}
-    masks = [n for n in rows if n.startswith(RANDOM_MASKS)]
-    if masks and "chosen candidate" in rows:
-        differences[f"{RANDOM_MASKS}s (each study's mean over its {len(masks)})"] = {
-            k: [c - sum(rows[m][k][i] for m in masks) / len(masks) for i, c in enumerate(rows["chosen candidate"][k])]
-            for k in ("copy rate", "quality")}
-    def complete(d):
-        return {k: v for k, v in d.items() if v and all(x is not None for x in v)}
+    def complete(figures: dict) -> dict:
+        return {k: v for k, v in figures.items() if v and all(x is not None for x in v)}
 
-    return {"rows": {n: complete(d) for n, d in rows.items()}, "checks": complete(checks),
-            "differences": {n: complete(d) for n, d in differences.items()}}
+    rows = {name: complete({"copy rate": [value(r["copy_rate"]) for r in rs],
+                            "quality": [value(r["quality"]) for r in rs]}) for name, rs in shared_rows(claims)}
+    checks = complete({c["what"]: [value(next((x["figure"] for x in claim["checks"] if x["what"] == c["what"]), None))
+                                   for claim in claims] for c in claims[0]["checks"]})
+    chosen = rows.get("chosen candidate", {})
+    masks = [n for n in rows if n.startswith(RANDOM_MASKS)]
+    others = {n: rows[n] for n in rows if n != "chosen candidate" and n not in masks}
+    if masks:
+        others[f"{RANDOM_MASKS}s (each study's mean over its {len(masks)})"] = {
+            k: [sum(v) / len(v) for v in zip(*(rows[m][k] for m in masks))]
+            for k in ("copy rate", "quality") if all(k in rows[m] for m in masks)}
+    differences = {n: {k: [a - b for a, b in zip(chosen[k], v)] for k, v in figures.items() if k in chosen}
+                   for n, figures in others.items()}
+    return {"rows": rows, "checks": checks, "differences": differences}
 
 
 def verdict(values: list[float]) -> str:
