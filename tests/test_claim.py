@@ -82,7 +82,7 @@ def test_the_markdown_says_what_was_met(study):
     text = compute(results, settings, reference).to_markdown()
     assert "quality gain recovered by the chosen candidate" in text and "NOT met" in text  # recovery ~0.76 < 0.8
     assert "re-evaluation on fresh seeds" in text and "does not beat it" in text and "beats it" in text
-    assert "not its training seed" in text  # what the verdicts' intervals leave out
+    assert "not its training seed" in text and "bench/seeds.py" in text  # what they leave out, and where to get it
 
 
 def test_do_not_fine_tune_claims_nothing(study):

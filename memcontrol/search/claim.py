@@ -140,7 +140,8 @@ class Claim:
             lines.append("[differences are chosen minus row: negative is better for the chosen candidate; "
                          "'no different' when the 95% interval holds 0. The intervals cover the samples drawn from "
                          "each trained model, not its training seed: two trainings of one configuration can differ "
-                         "by more]")
+                         "by more; the same config run with other seeds, read by bench/seeds.py, gives intervals "
+                         "that include it]")
         return "\n".join(lines)
 
 
