@@ -35,6 +35,7 @@ from pathlib import Path
 from scipy.stats import spearmanr
 
 from memcontrol.metrics.intervals import replicate_interval
+from memcontrol.search.claim import Comparison
 
 RANDOM_MASKS = "control: random mask"
 RATE = (0.0, 1.0)
@@ -110,12 +111,12 @@ def over_studies(claims: list[dict]) -> dict:
 def verdict(values: list[float]) -> str:
     """For the chosen candidate, of chosen-minus-row differences over the studies (lower is better on both
     objectives); the claim's rule: it beats a row when better on one and not worse on the other."""
-    iv = replicate_interval(values)
-    if len(values) >= 2 and iv.low == iv.high != 0:
-        return "not judged"  # the same difference in every study: no spread to judge it by
-    if len(values) < 2 or not iv.excludes(0.0):
+    if len(values) < 2:
         return "no different"
-    return "better" if iv.high < 0 else "worse"
+    iv = replicate_interval(values)
+    if iv.low == iv.high != 0:
+        return "not judged"  # the same difference in every study: no spread to judge it by
+    return Comparison.verdict(iv)
 
 
 def ceiling(values: list[dict], sets: list[list[str]], other: dict) -> list[float]:
