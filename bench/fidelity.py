@@ -59,8 +59,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from memcontrol.config import load_config  # noqa: E402
-from memcontrol.metrics.intervals import (bootstrap_indices, percentile_interval, resampled_frechet,  # noqa: E402
-                                          resampled_mean)
+from memcontrol.metrics.intervals import (bootstrap_indices, largest_separated_sets,  # noqa: E402
+                                          percentile_interval, resampled_frechet, resampled_mean)
 from memcontrol.metrics.quality import gaussian_stats  # noqa: E402
 from memcontrol.search.claim import load_reference  # noqa: E402
 from memcontrol.search.context import build_context  # noqa: E402
@@ -211,20 +211,6 @@ def paired_separation(statistics_: list, n_samples: int, seed: int, resamples: i
         diff = percentile_interval(points[i] - points[j], resampled[i] - resampled[j], level)
         separated[i, j] = separated[j, i] = diff.excludes(0.0)
     return separated
-
-
-def largest_separated_sets(separated: np.ndarray) -> list[tuple[int, ...]]:
-    """Every largest set of candidates whose pairs are all separated (the maximum cliques of the ``separated``
-    graph), by trying subsets from the largest size down; exhaustive, so for the dozen or so candidates of a study."""
-    n = len(separated)
-    if n > 22:
-        raise ValueError(f"{n} candidates: the exhaustive search is for at most 22")
-    for k in range(n, 0, -1):
-        found = [c for c in itertools.combinations(range(n), k)
-                 if all(separated[a, b] for a, b in itertools.combinations(c, 2))]
-        if found:
-            return found
-    return []
 
 
 def paired_analysis(run: Path, rows: list[dict], seed: int, resamples: int) -> dict:

@@ -20,7 +20,8 @@ objective, Spearman between the studies' full-fidelity values of the candidates 
 pairs whose paired 95% interval separated them in both studies, how many the two studies order the opposite way.
 Also the ranking target's ceiling: over each largest set of candidates one study separates pairwise, the Spearman
 of the other study's values (a screen that is the full evaluation itself, trained with another seed; the lowest
-over the sets is what the target reads).
+over the sets is what the target reads). Last, the candidates apart beyond training noise too: the pairs every study separates and
+all order alike, the largest sets of candidates all pairwise so, and each study's screen ranked over those sets.
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 from scipy.stats import spearmanr
 
-from memcontrol.metrics.intervals import replicate_interval
+from memcontrol.metrics.intervals import largest_separated_sets, replicate_interval
 from memcontrol.search.claim import Comparison
 
 RANDOM_MASKS = "control: random mask"
@@ -151,6 +153,34 @@ def training_noise(reports: list[dict], names: list[str]) -> dict:
     return out
 
 
+def apart_in_every_study(reports: list[dict], names: list[str]) -> dict:
+    """Per objective: the candidate pairs that every study separates (paired 95%) and orders alike, so apart beyond
+    both sampling and training noise; the largest sets of candidates all pairwise so (over the candidates every study
+    has); and over each such set, each study's screen ranked against its own full evaluation (Spearman, sorted)."""
+    out = {}
+    for key in ("screen_train_fit~memorization", "screen_quality~quality"):
+        cheap, objective = key.split("~")
+        rows = [{r["label"]: r for r in rep["ranking"]["rows"]} for rep in reports]
+        labels = [x for x in rows[0] if all(x in r for r in rows[1:])]
+        separated = [{frozenset(p) for p in rep["ranking"]["paired"][key]["paired95"]["separated"]}
+                     for rep in reports]
+
+        def apart(a: str, b: str) -> bool:
+            signs = {math.copysign(1, r[a][objective] - r[b][objective]) for r in rows}
+            return len(signs) == 1 and all(frozenset((a, b)) in s for s in separated)
+
+        matrix = np.array([[a != b and apart(a, b) for b in labels] for a in labels], dtype=bool)
+        sets = [[labels[i] for i in c] for c in largest_separated_sets(matrix)] if labels else []
+        screens = {}
+        for name, r in zip(names, rows):
+            rhos = [float(spearmanr([r[x][cheap] for x in c], [r[x][objective] for x in c]).statistic) for c in sets
+                    if len(c) >= 3 and all(r[x].get(cheap) is not None for x in c)]
+            screens[name] = sorted(rhos)
+        out[objective] = {"candidates": len(labels), "pairs": int(matrix.sum()) // 2, "sets": sets,
+                          "screens": screens}
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path, help="finished run folders of one config with different seeds")
@@ -161,8 +191,8 @@ def main(argv=None) -> int:
         missing = [p for p in args.runs if not p.is_file()]
         if missing:
             raise SystemExit(f"{missing[0]}: missing (write it with bench/fidelity.py --run ... --out DIR)")
-        noise = training_noise([json.loads(p.read_text()) for p in args.runs], [str(p) for p in args.runs])
-        for what, r in noise.items():
+        reports, names = [json.loads(p.read_text()) for p in args.runs], [str(p) for p in args.runs]
+        for what, r in training_noise(reports, names).items():
             print(f"{what}: Spearman {r['spearman']:.2f} over {r['candidates']} candidates; of "
                   f"{r['separated_in_both']} pairs separated in both, {r['opposite_order']} in the opposite order"
                   + (f" ({'; '.join(' / '.join(p) for p in r['opposite_pairs'])})" if r["opposite_pairs"] else ""))
@@ -171,6 +201,15 @@ def main(argv=None) -> int:
                     reach = sum(x >= 0.8 - 1e-9 for x in rhos)  # 0.8 computed as 0.7999... still counts
                     print(f"  over the {len(rhos)} largest separated set(s) of {whose}, the {other} study's values "
                           f"rank at Spearman {rhos[0]:.2f} to {rhos[-1]:.2f} ({reach} reach 0.8)")
+        for objective, r in apart_in_every_study(reports, names).items():
+            size = len(r["sets"][0]) if r["sets"] else 0
+            print(f"{objective}, apart in every study (each separates them, paired 95%, and all order them alike): "
+                  f"{r['pairs']} of {r['candidates'] * (r['candidates'] - 1) // 2} pairs; the largest sets all "
+                  f"pairwise apart hold {size} candidates ({len(r['sets'])} such sets)")
+            for name, rhos in r["screens"].items():
+                if rhos:
+                    print(f"  {name}'s screen over them ranks at Spearman {rhos[0]:.2f} to {rhos[-1]:.2f} "
+                          f"({sum(x >= 0.8 - 1e-9 for x in rhos)} reach 0.8)")
         return 0
     claims = [load_claim(run) for run in args.runs]
     names = [str(run) for run in args.runs]

@@ -4,6 +4,7 @@ with two trials of a few steps, through the command line, then the benchmark's r
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import subprocess
 import sys
@@ -193,6 +194,32 @@ def test_the_seeds_benchmark_counts_separated_pairs_two_trainings_order_apart():
     # The target's ceiling: each study's sets ranked by the other's values (here one set, all three candidates).
     assert quality["ceiling"] == [[pytest.approx(0.5)], [pytest.approx(0.5)]]
     assert noise["memorization: s0 vs s1"]["ceiling"] == [[pytest.approx(1.0)], [pytest.approx(1.0)]]
+
+
+def test_the_seeds_benchmark_finds_the_candidates_apart_beyond_training_noise():
+    # Four candidates at two training seeds. Quality: the second seed does not separate c from d, so the largest sets
+    # apart in both are {a, b, c} and {a, b, d}; memorization: the two seeds order a and b the opposite way.
+    bench = load_script("bench/seeds.py")
+    everything = [[x, y] for x, y in itertools.combinations("abcd", 2)]
+
+    def report(mem, qual, screen, separated_quality):
+        rows = [{"candidate": i, "label": x, "memorization": m, "quality": q, "screen_train_fit": c,
+                 "screen_quality": c} for i, (x, m, q, c) in enumerate(zip("abcd", mem, qual, screen))]
+        paired = {"screen_train_fit~memorization": {"paired95": {"separated": everything}},
+                  "screen_quality~quality": {"paired95": {"separated": separated_quality}}}
+        return {"ranking": {"rows": rows, "paired": paired}}
+
+    first = report([0.1, 0.2, 0.3, 0.4], [10, 20, 30, 40], [1, 2, 3, 0], everything)
+    second = report([0.2, 0.1, 0.3, 0.4], [12, 22, 35, 41], [1, 2, 3, 4], [p for p in everything if p != ["c", "d"]])
+    apart = bench.apart_in_every_study([first, second], ["s0", "s1"])
+    quality = apart["quality"]
+    assert quality["candidates"] == 4 and quality["pairs"] == 5
+    assert sorted(map(sorted, quality["sets"])) == [["a", "b", "c"], ["a", "b", "d"]]
+    # Each seed's screen against its own full values: s0's screen puts d first, the full evaluation last.
+    assert quality["screens"]["s0"] == [pytest.approx(-0.5), pytest.approx(1.0)]
+    assert quality["screens"]["s1"] == [pytest.approx(1.0), pytest.approx(1.0)]
+    memorization = apart["memorization"]
+    assert memorization["pairs"] == 5 and sorted(map(sorted, memorization["sets"])) == [["a", "c", "d"], ["b", "c", "d"]]
 
 
 def test_the_affine_residual_forgives_exposure_and_nothing_else():

@@ -20,7 +20,7 @@ from fixtures_scripts import load_script
 from fixtures_search import cheap_search_config, write_config
 from memcontrol.cli import main
 from memcontrol.errors import ConfigError
-from memcontrol.metrics.intervals import bootstrap_indices, interval, resampled_mean
+from memcontrol.metrics.intervals import bootstrap_indices, interval, largest_separated_sets, resampled_mean
 from memcontrol.search import fidelity as fd
 from memcontrol.search import study as st
 from memcontrol.search.hypervolume import hypervolume_2d
@@ -90,13 +90,12 @@ def test_the_largest_set_of_candidates_pairwise_apart():
 def test_the_largest_sets_of_candidates_all_pairwise_separated():
     import networkx as nx  # torch's own dependency: an independent maximum-clique search to check against
 
-    bench = load_script("bench/fidelity.py")
     rng = np.random.default_rng(0)
     for _ in range(100):
         n = int(rng.integers(1, 10))
         upper = np.triu(rng.random((n, n)) < rng.uniform(0.2, 0.9), 1)
         separated = upper | upper.T
-        found = bench.largest_separated_sets(separated)
+        found = largest_separated_sets(separated)
         graph = nx.Graph()
         graph.add_nodes_from(range(n))
         graph.add_edges_from(zip(*np.nonzero(upper)))

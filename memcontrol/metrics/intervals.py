@@ -15,6 +15,8 @@
 * ``replicate_interval``: the mean of one figure measured by independent replicates of a whole procedure (studies
   trained with other seeds), with Student's t interval over them: it carries the training noise that the intervals
   above, which resample the samples of one trained model, do not. Few replicates give wide intervals, rightly.
+* ``largest_separated_sets``: given which pairs of candidates an interval separates, every largest set of candidates
+  all pairwise separated: the candidates whose ranking means something, over which a cheap ranking is judged.
 
 An ``Interval`` writes itself as ``{name: value, name_ci_low: low, name_ci_high: high}``, the column convention of
 trials.csv, pareto.csv, metrics.json and the benches.
@@ -22,6 +24,7 @@ trials.csv, pareto.csv, metrics.json and the benches.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -110,6 +113,20 @@ def replicate_interval(values, level: float = LEVEL) -> Interval:
         return Interval(mean, math.nan, math.nan)
     half = float(t.ppf(0.5 + level / 2, len(values) - 1)) * float(values.std(ddof=1)) / math.sqrt(len(values))
     return Interval(mean, mean - half, mean + half)
+
+
+def largest_separated_sets(separated: np.ndarray) -> list[tuple[int, ...]]:
+    """Every largest set of candidates whose pairs are all separated (the maximum cliques of the ``separated``
+    graph), by trying subsets from the largest size down; exhaustive, so for the dozen or so candidates of a study."""
+    n = len(separated)
+    if n > 22:
+        raise ValueError(f"{n} candidates: the exhaustive search is for at most 22")
+    for k in range(n, 0, -1):
+        found = [c for c in itertools.combinations(range(n), k)
+                 if all(separated[a, b] for a, b in itertools.combinations(c, 2))]
+        if found:
+            return found
+    return []
 
 
 def bootstrap_indices(n: int, resamples: int = RESAMPLES, seed: int = 0, groups=None) -> np.ndarray:
