@@ -75,6 +75,7 @@ def test_finds_exactly_the_planted_duplicates_from_the_images_alone(private_sets
     assert (precision, recall) == (1.0, 1.0), (sorted(map(sorted, found - planted)), len(planted - found))
     # The subject column tells the same story, and the two splits (distinct patients) share no image.
     assert {frozenset((p.a.line, p.b.line)) for p in result.pairs if p.kind == "same_patient"} == planted
+    assert result.duplicate_pairs == len(planted)  # each pair is both: counted once
     assert result.leaks == 0
     assert len(result.groups) == PRIVATE["duplicates"]
     keep = deduplicate(result)
@@ -170,6 +171,12 @@ def test_bad_manifest_is_refused_before_any_output(tmp_path, capsys):
     assert main(["audit-data", "--manifest", str(PRIVATE_DIR / "manifest.csv"), "--heldout", str(other),
                  "--out", str(tmp_path / "o")]) == 1
     assert "no image column" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    # A listed file that is missing: named with its manifest line, still before the output folder exists.
+    missing = tmp_path / "missing.csv"
+    missing.write_text(f"image,text\n{PRIVATE_DIR / 'images' / 'sub-0001.dcm'},a\nnot-there.dcm,b\n")
+    assert main(["audit-data", "--manifest", str(missing), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "not-there.dcm: file not found (missing.csv line 3)" in err and not (tmp_path / "o").exists()
     assert main(["audit-data", "--manifest", str(PRIVATE_DIR / "manifest.csv"), "--features",
                  '{"type": "vae"}', "--out", str(tmp_path / "o")]) == 1
     assert "--threshold" in capsys.readouterr().err

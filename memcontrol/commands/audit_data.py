@@ -59,11 +59,16 @@ def run(args) -> int:
     features = _features(args.features)
     threshold = threshold_for(features, args.threshold)
     spec = {"on_error": args.on_error, "key_column": args.key_column}
-    # Both manifests are read (and every image decoded) before anything is written.
+    # Both listings are checked (a missing file, an empty image path or caption) before anything is written; an
+    # image that does not decode is found while loading, after the output folder is taken.
     from ..data.manifest import read_entries
+    from ..errors import DataError
 
     for source in filter(None, (args.manifest, args.heldout)):
-        read_entries(source, key_column=args.key_column)
+        entries = read_entries(source, key_column=args.key_column)
+        bad = next((e for e in entries if e.problem), None) if args.on_error == "fail" else None
+        if bad is not None:
+            raise DataError(bad.where, bad.problem)
     out = claim_out_dir(args.out, "audit-data")
     salt = run_salt(out)
     train = load_source({"source": args.manifest, **spec}, args.resolution, salt=salt)

@@ -83,13 +83,17 @@ class AuditResult:
     def count(self, *kinds: str) -> int:
         return sum(p.kind in kinds for p in self.pairs)
 
+    def distinct(self, *kinds: str) -> int:
+        """Pairs of records found by any of ``kinds``: a pair that is one image and one patient counts once."""
+        return len({frozenset(((p.a.split, p.a.index), (p.b.split, p.b.index))) for p in self.pairs if p.kind in kinds})
+
     @property
     def duplicate_pairs(self) -> int:
-        return self.count("near_duplicate", "same_patient")
+        return self.distinct("near_duplicate", "same_patient")
 
     @property
     def leaks(self) -> int:
-        return self.count("leak_image", "leak_patient")
+        return self.distinct("leak_image", "leak_patient")
 
     def summary(self) -> str:
         counts = ", ".join(f"{self.count(k)} {k.replace('_', ' ')}" for k in KINDS
