@@ -86,9 +86,10 @@ def bad_csv(root):
     return root / "bad.csv"
 
 
+# Each names its manifest line once: after the problem when the row names a file, as the place when it names none.
 EXPECTED_PROBLEMS = ["file not found (bad.csv line 3)", "empty caption (bad.csv line 4)",
-                     "caption is not valid UTF-8 (bad.csv line 5)", "cannot read PNG", "not a DICOM file",
-                     "empty image path (column 'file') (bad.csv line 8)"]
+                     "caption is not valid UTF-8 (bad.csv line 5)", "cannot read PNG",
+                     "not a DICOM file (bad.csv line 7)", "empty image path (column 'file')"]
 
 
 def test_bad_rows_fail_the_run_by_default_naming_file_and_line(tmp_path):
@@ -106,6 +107,8 @@ def test_bad_rows_are_skipped_and_recorded_with_on_error_skip(tmp_path):
         assert expected in problem, (path, problem)
         assert "\n" not in problem
     assert ds.skipped[1][0] == str(tmp_path / "ok.png") and ds.skipped[-1][0] == "bad.csv line 8"
+    assert ds.skipped[3][1].endswith("(bad.csv line 6)")  # a file that does not decode names its line too
+    assert all(problem.count(" line ") == 1 for _, problem in ds.skipped[:-1]) and " line " not in ds.skipped[-1][1]
     written = write_skipped(tmp_path / "run", ds.skipped)
     with open(written, newline="", encoding="utf-8") as fh:
         rows = list(csv.reader(fh))
@@ -119,10 +122,11 @@ def test_broken_jsonl_lines_are_row_problems(tmp_path):
     (tmp_path / "m.jsonl").write_bytes(b"\n".join(lines))
     ds = ImageCaptionDataset(tmp_path / "m.jsonl", on_error="skip", resolution=8)
     assert ds.captions == ["fine"]
-    problems = [problem for _, problem in ds.skipped]
-    assert problems == ["line is not valid JSON (Expecting property name enclosed in double quotes) (m.jsonl line 2)",
-                        "line is not valid UTF-8 text (m.jsonl line 3)", "line is not a JSON object (m.jsonl line 4)",
-                        "caption is not text (m.jsonl line 5)"]
+    invalid = "line is not valid JSON (Expecting property name enclosed in double quotes)"
+    assert ds.skipped == [("m.jsonl line 2", invalid),
+                          ("m.jsonl line 3", "line is not valid UTF-8 text"),
+                          ("m.jsonl line 4", "line is not a JSON object"),
+                          (str(tmp_path / "a.png"), "caption is not text (m.jsonl line 5)")]
 
 
 def test_nothing_usable_and_bad_sources_raise(tmp_path):

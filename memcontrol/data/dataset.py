@@ -111,7 +111,12 @@ def check_entry(entry: Entry, frame: int | None = None, require_caption: bool = 
         raise DataError(entry.where, entry.problem)
     if require_caption and entry.caption is None:
         raise DataError(entry.where, "no caption (no manifest lists this image and no .txt file is beside it)")
-    return read_image(entry.path, frame)
+    try:
+        return read_image(entry.path, frame)
+    except DataError as err:
+        if entry.origin == str(entry.path):  # found in a folder, not listed by a manifest: no line to name
+            raise
+        raise DataError(err.path, f"{err.problem} ({entry.origin})") from None
 
 
 def check_on_error(on_error: str) -> None:

@@ -171,8 +171,10 @@ def _entry(source: Path, line: int, row: dict, problem: str | None, image_col: s
     from_name = not isinstance(key, str) or not key.strip() or _has_surrogates(key)
     if from_name:
         key = Path(value.strip()).stem if isinstance(value, str) and not _has_surrogates(value) else origin
+    # The line is named once: as the place when no file is named ("x.jsonl line 2: ..."), else after the problem.
+    shown = problem if problem is None or path is None else f"{problem} ({origin})"
     return Entry(path, caption.strip() if isinstance(caption, str) and problem is None else None, key.strip(),
-                 origin, f"{problem} ({origin})" if problem else None, key_from_name=from_name)
+                 origin, shown, key_from_name=from_name)
 
 
 SALT_FILE = "pseudonym_salt.txt"
