@@ -140,7 +140,7 @@ def finetune(config, out, *, mask=None, allow_partial: bool = False) -> Finetune
     if not job.model.path:
         raise ConfigError(f"{where}: model.path is missing: a local diffusers pipeline folder")
     if job.data.train is None:
-        raise ConfigError(f"{where}: data.train is missing: a manifest (CSV/JSONL) or an image folder")
+        raise ConfigError(f"{where}: data.train is missing: a manifest (CSV/TSV/JSONL) or an image folder")
     out = claim_out_dir(out, "finetune")
     if is_exported(out):
         raise MemcontrolError(f"{out} already holds a finished fine-tune ({out / METRICS_FILE}); choose another "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from .errors import MemcontrolError
@@ -60,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"memcontrol {known.command}: interrupted; finished work is kept in the output folder",
               file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of the output went away (`| head`): stop quietly as a Unix filter does, without a traceback when
+        # Python flushes stdout on exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a filter stopped by a closed pipe
 
 
 if __name__ == "__main__":

@@ -44,7 +44,8 @@ def claim_out_dir(out: str | Path, job: str, own: Path | None = None) -> Path:
         except (ValueError, AttributeError):
             owner = None
         if owner != job:
-            raise ConfigError(f"--out {folder} holds a memcontrol {owner or 'unknown'} run, not a {job} run; "
+            article = "an" if job[0] in "aeiou" else "a"
+            raise ConfigError(f"--out {folder} holds a memcontrol {owner or 'unknown'} run, not {article} {job} run; "
                               "choose another folder")
     elif folder.is_dir() and not _earlier_run_of(folder, job):
         shown = sorted(p.name for p in folder.iterdir() if not _is_own(p, own))

@@ -114,3 +114,17 @@ def test_installed_command_writes_and_checks_a_cohort_without_leaking(tmp_path):
         outputs += [result.stdout, result.stderr]
     assert "inspect-data: 7 items, 7 ok, 0 skipped (passed)" in outputs[2]
     assert_no_identifiers([tmp_path, *outputs], patient_identifiers(sorted((out / "images").glob("*.dcm"))))
+
+
+def test_output_piped_to_a_closed_reader_ends_quietly():
+    # `memcontrol inspect-data ... | head`: the reader is gone before the command writes. A real pipe whose read end
+    # is closed; the command stops with the shell's code for SIGPIPE and no traceback.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([*memcontrol_command(), "inspect-data", str(REPO / "data" / "hospital" / "private")],
+                                stdout=write_end, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 141 and "Traceback" not in result.stderr, result.stderr[-2000:]

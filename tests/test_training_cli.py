@@ -99,3 +99,14 @@ def test_example_config_is_valid():
     assert mask.family == "lora" and len(mask.sites) == 6
     assert np.isclose(mask.params["alpha"], 4.0)
     assert job.data.resolution == 64 and job.train.steps == 200
+
+
+def test_a_run_folder_is_not_taken_by_another_job(tmp_path):
+    from memcontrol.errors import ConfigError
+    from memcontrol.runs import claim_out_dir
+
+    claim_out_dir(tmp_path / "ft", "finetune")
+    for job, said in (("audit", "not an audit run"), ("search", "not a search run")):
+        with pytest.raises(ConfigError, match=f"holds a memcontrol finetune run, {said}; choose another folder"):
+            claim_out_dir(tmp_path / "ft", job)
+    assert claim_out_dir(tmp_path / "ft", "finetune") == tmp_path / "ft"  # the same job takes it again

@@ -22,16 +22,17 @@ def add_arguments(parser) -> None:
                         help="for a single-file --model: a local diffusers pipeline folder of the same architecture "
                              "(its configs and tokenizer are read; nothing is downloaded)")
     parser.add_argument("--adapter", type=Path, default=None,
-                        help="adapter to apply to the model: a LoRA folder or file (diffusers or kohya format), a "
-                             "peft adapter folder, or an export folder of memcontrol")
+                        help="adapter to apply to the model: a LoRA folder or file (diffusers, kohya or peft key "
+                             "names), a peft adapter folder (UNet or text encoder), an export folder of memcontrol, "
+                             "or a .safetensors of UNet parameters (a partial fine-tune)")
     parser.add_argument("--manifest", type=Path, default=None,
-                        help="training manifest (CSV/JSONL or image folder): enables copy detection, distance ratio, "
-                             "tiled L2 and extraction; its captions are the prompts unless --prompts is given")
+                        help="training manifest (CSV/TSV/JSONL or image folder): enables copy detection, distance "
+                             "ratio, tiled L2 and extraction; its captions are the prompts unless --prompts is given")
     parser.add_argument("--heldout", type=Path, default=None,
                         help="manifest of real images the model never saw: baseline for the thresholds and "
                              "reference for FD/KID")
     parser.add_argument("--prompts", type=Path, default=None,
-                        help="prompts to audit: .txt (one per line) or CSV/JSONL with a prompt/text/caption column")
+                        help="prompts to audit: .txt (one per line) or CSV/TSV/JSONL with a prompt/text/caption column")
     parser.add_argument("--config", type=Path, default=None, help="YAML config with an 'audit' section")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: the config's, else auto)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the generated samples (default: config's)")
