@@ -37,12 +37,12 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from memcontrol.metrics.intervals import largest_separated_sets, replicate_interval
-from memcontrol.search.claim import Comparison
+from memcontrol.search.claim import CUT_CHECK, FULL_COPY_CHECK, Comparison
 
 RANDOM_MASKS = "control: random mask"
 RATE = (0.0, 1.0)
 FD = (0.0, math.inf)  # the claim's quality is a Fréchet distance
-RANGES = {"full fine-tuning's copy rate": RATE, "copy rate cut by the chosen candidate": (-math.inf, 1.0)}
+RANGES = {FULL_COPY_CHECK: RATE, CUT_CHECK: (-math.inf, 1.0)}  # the checks whose figure has a bound
 
 
 def load_claim(run: Path) -> dict:

@@ -36,6 +36,10 @@ from ..metrics.intervals import (Interval, bootstrap_indices, paired, percentile
 FULL_COPY_TARGET = 0.30       # full fine-tuning copies at least this share of its samples
 RECOVERY_TARGET = 0.80        # the chosen candidate recovers at least this share of full fine-tuning's quality gain
 CUT_TARGET = 0.80             # ... while cutting full fine-tuning's copy rate by at least this share
+# The checks' names, as claim.md and claim.json give them (``what``), and as readers of claim.json look them up.
+FULL_COPY_CHECK = "full fine-tuning's copy rate"
+RECOVERY_CHECK = "quality gain recovered by the chosen candidate"
+CUT_CHECK = "copy rate cut by the chosen candidate"
 
 
 @dataclass
@@ -87,9 +91,9 @@ class Claim:
 
     def checks(self) -> list[tuple[str, Interval | None, str, float]]:
         """(what, figure, comparison, target) for the claim's three thresholds."""
-        return [("full fine-tuning's copy rate", self.full.copy_rate if self.full else None, ">=", FULL_COPY_TARGET),
-                ("quality gain recovered by the chosen candidate", self.recovery, ">=", RECOVERY_TARGET),
-                ("copy rate cut by the chosen candidate", self.copy_cut, ">=", CUT_TARGET)]
+        return [(FULL_COPY_CHECK, self.full.copy_rate if self.full else None, ">=", FULL_COPY_TARGET),
+                (RECOVERY_CHECK, self.recovery, ">=", RECOVERY_TARGET),
+                (CUT_CHECK, self.copy_cut, ">=", CUT_TARGET)]
 
     def to_dict(self) -> dict:
         def iv(x):
