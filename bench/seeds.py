@@ -20,8 +20,9 @@ objective, Spearman between the studies' full-fidelity values of the candidates 
 pairs whose paired 95% interval separated them in both studies, how many the two studies order the opposite way.
 Also the ranking target's ceiling: over each largest set of candidates one study separates pairwise, the Spearman
 of the other study's values (a screen that is the full evaluation itself, trained with another seed; the lowest
-over the sets is what the target reads). Last, the candidates apart beyond training noise too: the pairs every study separates and
-all order alike, the largest sets of candidates all pairwise so, and each study's screen ranked over those sets.
+over the sets is what the target reads). Last, the candidates apart beyond training noise too: the pairs every
+study separates and all order alike, the largest sets of candidates all pairwise so, and each study's screen ranked
+over those sets.
 """
 
 from __future__ import annotations
