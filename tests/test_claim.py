@@ -92,3 +92,26 @@ def test_do_not_fine_tune_claims_nothing(study):
     claim = compute(results, settings, reference)
     assert claim.do_not_finetune and claim.recovery is None and claim.copy_cut is None and not claim.comparisons
     assert "do not fine-tune" in claim.to_markdown()
+
+
+def test_a_run_sampled_from_fresh_seeds_shows_the_interval_its_metrics_have(study):
+    # The re-evaluation samples from other seeds, and its metrics.json resamples from them: the claim's row shows
+    # that same interval, so one run prints one interval. Rows of the search's own seeds keep the study's resamples.
+    from safetensors.numpy import load_file
+
+    from memcontrol.metrics.intervals import bootstrap_indices
+    from memcontrol.metrics.quality import quality_report
+
+    settings, results, reference = study
+    results.reevaluation.attrs["sampling_seed"] = 2
+    claim = compute(results, settings, reference)
+
+    def as_metrics(folder, seed):
+        features = load_file(str(settings.out_dir / folder / "quality_features.safetensors"))["features"]
+        report = quality_report(reference, features, "test", 10, 50, seed, bootstrap_indices(N_QUALITY, 500, seed))
+        return report["fd"], report["fd_ci_low"], report["fd_ci_high"]
+
+    shown = {r.label: (r.quality.value, r.quality.low, r.quality.high) for r in claim.runs}
+    assert shown[claim.chosen.label] == pytest.approx(as_metrics("again", 2), rel=1e-9)
+    assert shown["full fine-tuning"] == pytest.approx(as_metrics("full", 0), rel=1e-9)
+    assert shown[claim.chosen.label][1:] != pytest.approx(as_metrics("again", 0)[1:], rel=1e-9)  # the seed matters

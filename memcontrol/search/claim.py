@@ -172,9 +172,11 @@ def _pct(x: Interval | None) -> str:
     return f"{x.value:.0%} [{x.low:.0%}, {x.high:.0%}]"
 
 
-def run_figures(out_dir: Path, row, tau: float, reference_stats, indices: np.ndarray) -> RunFigures | None:
+def run_figures(out_dir: Path, row, tau: float, reference_stats, indices: np.ndarray, seed: int) -> RunFigures | None:
     """A finished run's copies (memorization samples above ``tau``) and quality with its interval; None when the run
-    kept no quality features (made before they were kept, or not complete)."""
+    kept no quality features (made before they were kept, or not complete). ``indices`` are the study's resamples
+    (drawn from its sampling ``seed``); a run sampled from other seeds (the re-evaluation) gets its interval from its
+    own, as its metrics.json has it, so that one run shows one interval wherever it is printed."""
     from safetensors.numpy import load_file
 
     from .trial import QUALITY_FEATURES
@@ -189,8 +191,10 @@ def run_figures(out_dir: Path, row, tau: float, reference_stats, indices: np.nda
         raise ValueError(f"{features_file}: {len(features)} quality samples, the study's other runs have "
                          f"{indices.shape[1]}")
     sims = [n["similarity"] for n in json.loads(neighbours_file.read_text())]
+    own_seed = int(row.get("sampling_seed", seed))
+    own = indices if own_seed == seed else bootstrap_indices(len(features), len(indices), own_seed)
     statistic = resampled_frechet(features, reference_stats)
-    quality = percentile_interval(float(statistic(np.arange(len(features))[None])[0]), statistic(indices))
+    quality = percentile_interval(float(statistic(np.arange(len(features))[None])[0]), statistic(own))
     share = row.get("trainable_percent")
     return RunFigures(row.label, row.kind, folder, int(sum(s > tau for s in sims)), len(sims), quality,
                       None if share is None else float(share), features)
@@ -211,7 +215,7 @@ def compute(results, settings, reference_features: np.ndarray, floor_features: n
     indices = bootstrap_indices(n_quality, resamples, seed)
 
     def figures(row):
-        return None if row is None else run_figures(settings.out_dir, row, tau, ref_stats, indices)
+        return None if row is None else run_figures(settings.out_dir, row, tau, ref_stats, indices, seed)
 
     base = figures(results.base)
     by_name = {r.get("baseline"): r for r in results.baselines}
