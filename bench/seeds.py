@@ -182,6 +182,11 @@ def apart_in_every_study(reports: list[dict], names: list[str]) -> dict:
     return out
 
 
+def reaching(rhos: list[float]) -> int:
+    """How many Spearmans reach the ranking target's 0.8 (one computed as 0.7999... still counts)."""
+    return sum(x >= 0.8 - 1e-9 for x in rhos)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path, help="finished run folders of one config with different seeds")
@@ -199,9 +204,8 @@ def main(argv=None) -> int:
                   + (f" ({'; '.join(' / '.join(p) for p in r['opposite_pairs'])})" if r["opposite_pairs"] else ""))
             for whose, other, rhos in zip(r["studies"], ("second", "first"), r["ceiling"]):
                 if rhos:
-                    reach = sum(x >= 0.8 - 1e-9 for x in rhos)  # 0.8 computed as 0.7999... still counts
                     print(f"  over the {len(rhos)} largest separated set(s) of {whose}, the {other} study's values "
-                          f"rank at Spearman {rhos[0]:.2f} to {rhos[-1]:.2f} ({reach} reach 0.8)")
+                          f"rank at Spearman {rhos[0]:.2f} to {rhos[-1]:.2f} ({reaching(rhos)} reach 0.8)")
         for objective, r in apart_in_every_study(reports, names).items():
             size = len(r["sets"][0]) if r["sets"] else 0
             print(f"{objective}, apart in every study (each separates them, paired 95%, and all order them alike): "
@@ -210,7 +214,7 @@ def main(argv=None) -> int:
             for name, rhos in r["screens"].items():
                 if rhos:
                     print(f"  {name}'s screen over them ranks at Spearman {rhos[0]:.2f} to {rhos[-1]:.2f} "
-                          f"({sum(x >= 0.8 - 1e-9 for x in rhos)} reach 0.8)")
+                          f"({reaching(rhos)} reach 0.8)")
         return 0
     claims = [load_claim(run) for run in args.runs]
     names = [str(run) for run in args.runs]
